@@ -1,0 +1,259 @@
+"""Token layout of one training or sampling sample: the temporal pyramid (Sec. 3.3-3.4).
+
+When a sample targets frame unit ``i`` at pyramid stage ``k`` (stage k works at resolution
+H / 2^k; k = 0 is full resolution, k = K - 1 the coarsest), its history condition is, Eq. (16)/(17):
+
+  ... -> Down(x^{i-2}, 2^{k+1}) -> Down(x^{i-1}, 2^k) -> x^i at stage k,
+
+every older unit staying at the lowest level K - 1. The functions here cut those CLEAN pyramid
+levels and turn them into tokens with the metadata the model needs (frame index for the
+blockwise causal mask and temporal RoPE, spatial positions for spatial RoPE). No noise is drawn
+here: corrupting the history and interpolating the current unit happen on device.
+
+Positions follow Sec. 3.4: the spatial pyramid *extrapolates* (the current unit at stage k uses
+the integer grid of its own token size), the temporal pyramid *interpolates* (a lower-resolution
+history unit places its token centres on the current unit's grid).
+
+Everything is pure NumPy on host arrays and is shared by the training pipeline
+(``pfm.data.pipeline``) and the sampler, so both lay tokens out identically. ``patchify`` and
+``unpatchify`` use only array methods and also accept JAX arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pfm.pyramid import resample
+
+
+def patchify(x, p: int):
+  """Cuts images into non-overlapping ``p x p`` patches, one token per patch.
+
+  Args:
+    x: ``[..., H, W, C]`` (NumPy or JAX), any dtype.
+    p: patch size; must divide H and W.
+
+  Returns:
+    ``[..., (H / p) * (W / p), p * p * C]``, same dtype. Tokens run row-major over the
+    ``(H / p, W / p)`` token grid; each token is its patch flattened in ``(p, p, C)`` order.
+
+  Raises:
+    ValueError: if ``p`` does not divide H or W.
+  """
+  *lead, h, w, c = x.shape
+  if h % p or w % p:
+    raise ValueError(f"patchify: size {h}x{w} is not divisible by patch size {p}")
+  x = x.reshape(*lead, h // p, p, w // p, p, c).swapaxes(-4, -3)
+  return x.reshape(*lead, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens, p: int, h: int, w: int):
+  """Inverse of ``patchify``.
+
+  Args:
+    tokens: ``[..., (h / p) * (w / p), p * p * C]`` (NumPy or JAX).
+    p: patch size.
+    h: image height in pixels (a multiple of ``p``).
+    w: image width in pixels (a multiple of ``p``).
+
+  Returns:
+    ``[..., h, w, C]``, same dtype.
+
+  Raises:
+    ValueError: if the token count or token size does not match ``(p, h, w)``.
+  """
+  *lead, n, size = tokens.shape
+  if h % p or w % p or n != (h // p) * (w // p) or size % (p * p):
+    raise ValueError(f"unpatchify: tokens {tokens.shape} do not tile a {h}x{w} image with "
+                     f"patch size {p}")
+  c = size // (p * p)
+  x = tokens.reshape(*lead, h // p, w // p, p, p, c).swapaxes(-4, -3)
+  return x.reshape(*lead, h, w, c)
+
+
+def check_sizes(height: int, width: int, patch_size: int, num_stages: int) -> None:
+  """Checks that every pyramid level of a ``height x width`` frame tiles into patches.
+
+  Level l has size ``(height / 2^l, width / 2^l)`` for l in [0, K - 1] and must be divisible by
+  ``patch_size``; the start mean of the coarsest stage needs ``Down(x, 2^K)`` too.
+
+  Raises:
+    ValueError: if ``height`` or ``width`` is not divisible by ``patch_size * 2^(K-1)`` and by
+      ``2^K``, or if ``num_stages < 1`` or ``patch_size < 1``.
+  """
+  if num_stages < 1 or patch_size < 1:
+    raise ValueError(f"need num_stages >= 1 and patch_size >= 1, got {num_stages}, {patch_size}")
+  factor = np.lcm(patch_size * 2 ** (num_stages - 1), 2**num_stages)
+  if height % factor or width % factor:
+    raise ValueError(
+        f"frame size {height}x{width} must be divisible by {factor} for {num_stages} pyramid "
+        f"stages with patch size {patch_size}")
+
+
+def level_token_grid(height: int, width: int, level: int, p: int) -> tuple[int, int]:
+  """Token grid ``(rows, cols)`` of pyramid level ``level`` of a ``height x width`` frame."""
+  return height // 2**level // p, width // 2**level // p
+
+
+def history_levels(i: int, k: int, num_stages: int) -> list[int]:
+  """Pyramid levels of the history units 0..i-1 for current unit ``i`` at stage ``k`` (Eq. 16).
+
+  Unit ``i - 1`` is at level ``k``, unit ``i - 2`` at ``k + 1``, ..., capped at ``K - 1``.
+
+  Args:
+    i: index of the current unit (>= 0); i = 0 has no history.
+    k: stage of the current unit, in [0, num_stages - 1].
+    num_stages: K.
+
+  Returns:
+    ``i`` ints, in temporal order (oldest first); non-increasing.
+
+  Raises:
+    ValueError: if ``i < 0`` or ``k`` is out of range.
+  """
+  if i < 0 or not 0 <= k < num_stages:
+    raise ValueError(f"history_levels: need i >= 0 and 0 <= k < {num_stages}, got i={i}, k={k}")
+  return [min(k + (i - 1 - j), num_stages - 1) for j in range(i)]
+
+
+def grid_positions(level_size_hw: tuple[int, int],
+                   current_size_hw: tuple[int, int]) -> np.ndarray:
+  """Spatial (row, col) positions of a token grid on the current unit's grid (Sec. 3.4).
+
+  Token ``(r, c)`` of a ``level_size_hw`` grid sits at
+  ``((r + 0.5) * H_cur / H_lvl - 0.5, (c + 0.5) * W_cur / W_lvl - 0.5)``: its centre mapped onto
+  the ``current_size_hw`` grid. When both sizes are equal this is the integer grid
+  ``0..h-1 x 0..w-1`` exactly, which is what the current unit of any stage uses (extrapolation:
+  a lower-resolution stage keeps the integer grid of its own size). A lower-resolution history
+  unit gets fractional positions (interpolation), e.g. a 2x2 grid on a 4x4 grid -> {0.5, 2.5}.
+
+  Args:
+    level_size_hw: ``(h, w)`` token grid of the unit being placed.
+    current_size_hw: ``(h, w)`` token grid of the current unit.
+
+  Returns:
+    float32 ``[h * w, 2]``, row-major over the placed grid (the order of ``patchify``).
+  """
+  (h, w), (hc, wc) = level_size_hw, current_size_hw
+  rows = (np.arange(h, dtype=np.float64) + 0.5) * (hc / h) - 0.5
+  cols = (np.arange(w, dtype=np.float64) + 0.5) * (wc / w) - 0.5
+  grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1)
+  return grid.reshape(h * w, 2).astype(np.float32)
+
+
+def layout_history(history_frames: np.ndarray, k: int, num_stages: int,
+                   p: int) -> dict[str, np.ndarray]:
+  """Tokens of the clean history units 0..i-1 for a current unit at stage ``k`` (Eq. 16-17).
+
+  Args:
+    history_frames: float32 ``[i, H, W, C]`` full-resolution frames, oldest first, values in
+      [-1, 1]; ``i`` may be 0.
+    k: stage of the current unit.
+    num_stages: K.
+    p: patch size.
+
+  Returns:
+    dict with ``n = sum_j tokens(level_j)`` rows, in temporal order:
+      ``tokens``: float32 ``[n, p * p * C]``, patchify(Down(x^j, 2^level_j));
+      ``frame_index``: int32 ``[n]``, the unit index j of each token;
+      ``positions``: float32 ``[n, 2]``, ``grid_positions`` on the current unit's grid.
+
+  Raises:
+    ValueError: on sizes that do not tile (``check_sizes``) or a bad ``k``.
+  """
+  i, height, width, c = history_frames.shape
+  check_sizes(height, width, p, num_stages)
+  levels = history_levels(i, k, num_stages)
+  current_grid = level_token_grid(height, width, k, p)
+  tokens, frame_index, positions = [], [], []
+  start = 0
+  while start < i:  # Runs of units at the same level, cut in one call each.
+    lvl = levels[start]
+    stop = start + 1
+    while stop < i and levels[stop] == lvl:
+      stop += 1
+    run = resample.level(history_frames[start:stop].astype(np.float32), lvl)
+    run_tokens = patchify(run, p)  # [units, n_lvl, P]
+    n_lvl = run_tokens.shape[1]
+    tokens.append(run_tokens.reshape(-1, run_tokens.shape[-1]))
+    frame_index.append(np.repeat(np.arange(start, stop, dtype=np.int32), n_lvl))
+    grid = grid_positions(level_token_grid(height, width, lvl, p), current_grid)
+    positions.append(np.tile(grid, (stop - start, 1)))
+    start = stop
+  if not tokens:
+    return dict(tokens=np.zeros((0, p * p * c), np.float32),
+                frame_index=np.zeros((0,), np.int32),
+                positions=np.zeros((0, 2), np.float32))
+  return dict(tokens=np.concatenate(tokens), frame_index=np.concatenate(frame_index),
+              positions=np.concatenate(positions))
+
+
+def layout_sample(frames: np.ndarray, i: int, k: int, num_stages: int,
+                  p: int) -> dict[str, np.ndarray]:
+  """Unpacked per-token arrays of one training sample: history tokens, then the current unit.
+
+  Args:
+    frames: float32 ``[T, H, W, C]`` clean clip in [-1, 1], T > i (frames after i are unused).
+    i: index of the current unit, in [0, T - 1].
+    k: stage of the current unit, in [0, num_stages - 1].
+    num_stages: K.
+    p: patch size.
+
+  Returns:
+    dict of arrays with ``n = tokens_per_sample(i, k, ...)`` rows:
+      ``clean_end``: float32 ``[n, P]``: for the current unit patchify(Down(x^i, 2^k)) (the
+        stage's end point mean, Eq. 8); for history units their clean tokens (Eq. 16).
+      ``clean_start``: float32 ``[n, P]``: for the current unit patchify(Up(Down(x^i, 2^(k+1))))
+        at level k's resolution (``resample.start_mean``); zeros for history.
+      ``frame_index``: int32 ``[n]``, the unit index of each token.
+      ``positions``: float32 ``[n, 2]``, (row, col) on the current unit's token grid.
+      ``stage``: int32 ``[n]``, k for every token.
+      ``is_target``: int32 ``[n]``, 1 for the current unit's tokens, 0 for history.
+    with ``P = p * p * C``.
+
+  Raises:
+    ValueError: if ``i`` or ``k`` is out of range or the frame size does not tile.
+  """
+  t, height, width, _ = frames.shape
+  if not 0 <= i < t or not 0 <= k < num_stages:
+    raise ValueError(f"layout_sample: need 0 <= i < {t} and 0 <= k < {num_stages}, "
+                     f"got i={i}, k={k}")
+  check_sizes(height, width, p, num_stages)
+  frames = frames.astype(np.float32)
+  history = layout_history(frames[:i], k, num_stages, p)
+  current = frames[i]
+  end = patchify(resample.level(current, k), p)
+  start = patchify(resample.start_mean(current, k), p)
+  n_cur, n_hist = end.shape[0], history["tokens"].shape[0]
+  grid = level_token_grid(height, width, k, p)
+  return dict(
+      clean_end=np.concatenate([history["tokens"], end]),
+      clean_start=np.concatenate([np.zeros_like(history["tokens"]), start]),
+      frame_index=np.concatenate([history["frame_index"], np.full(n_cur, i, np.int32)]),
+      positions=np.concatenate([history["positions"], grid_positions(grid, grid)]),
+      stage=np.full(n_hist + n_cur, k, np.int32),
+      is_target=np.concatenate([np.zeros(n_hist, np.int32), np.ones(n_cur, np.int32)]),
+  )
+
+
+def tokens_per_sample(i: int, k: int, *, height: int, width: int, patch_size: int,
+                      num_stages: int) -> int:
+  """Number of video tokens ``layout_sample`` produces for current unit ``i`` at stage ``k``."""
+  levels = history_levels(i, k, num_stages) + [k]
+  return sum(int(np.prod(level_token_grid(height, width, lvl, patch_size))) for lvl in levels)
+
+
+def max_tokens_per_sample(num_frames: int, *, height: int, width: int, patch_size: int,
+                          num_stages: int) -> int:
+  """Worst case of ``tokens_per_sample`` over i in [0, num_frames - 1] and every stage k.
+
+  Raises:
+    ValueError: if the frame size does not tile (``check_sizes``) or ``num_frames < 1``.
+  """
+  if num_frames < 1:
+    raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+  check_sizes(height, width, patch_size, num_stages)
+  return max(
+      tokens_per_sample(i, k, height=height, width=width, patch_size=patch_size,
+                        num_stages=num_stages)
+      for i in range(num_frames) for k in range(num_stages))

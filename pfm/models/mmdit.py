@@ -1,0 +1,386 @@
+"""MM-DiT over a packed token batch (Pyramidal Flow, Sec. 4.1 and Appendix B; SD3-Medium).
+
+Two streams, text and video, with separate weights and one joint attention over the
+concatenation [text; video] in every block (Esser et al., 2024). Conditioning is per token:
+every token, text or video, carries its own noise level t (history tokens and the current unit
+of each packed sample differ), and its own segment's pooled caption embedding:
+
+    c = MLP(sinusoidal(t * 1000)) + MLP(pooled text of the token's segment).
+
+Each block modulates both streams with adaLN-Zero (shift, scale, gate per token, modulation
+initialised to zero so every block starts as the identity). Spatial positions enter as a 2-D
+sinusoidal embedding added at the input; the temporal index enters as a 1-D RoPE in attention
+(text at position 0). The mask is blockwise causal over frame units within each packed sample
+(Sec. 3.4); see `pfm.models.attention`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pfm.models import attention
+from pfm.models.embeddings import (
+  MLPEmbedder, TimestepEmbedder, apply_rope, rope_angles, spatial_position_embedding)
+from pfm.models.layers import Mlp, layer_norm_no_affine, linear, linear_general, zeros
+from pfm.models.partitioning import with_logical_constraint
+from pfm.models.text import TEXT_VOCAB_SIZE, ByteTextEncoder, segment_mean
+
+_ACT = ("activation_batch", "activation_length", "activation_embed")
+_MOD = ("activation_batch", "activation_length", None, "activation_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class MMDiTConfig:
+  """Hyper-parameters of `MMDiT`; presets by name in `VARIANTS` / `model_config`.
+
+  Attributes:
+    patch_size: spatial patch side p of the (already patchified) video tokens.
+    channels: channels per pixel; a video token has patch_dim = p * p * channels features.
+    width: model width D of both streams.
+    depth: number of joint blocks.
+    num_heads: attention heads (head size width / num_heads, even).
+    mlp_ratio: MLP hidden size / width.
+    text_width: width of the byte-level text encoder (and of projected precomputed embeddings).
+    text_depth: layers of the byte-level text encoder; 0 builds none (then `text_embed_dim` must
+      be set and captions come as precomputed embeddings).
+    text_heads: heads of the text encoder.
+    text_mlp_ratio: MLP ratio of the text encoder.
+    text_vocab_size: caption vocabulary (bytes + 2 specials = 258).
+    text_embed_dim: feature size of precomputed caption embeddings from a frozen encoder, or
+      None to disable that input.
+    time_frequency_dim: sinusoidal features of the noise level.
+    time_scale: t in [0, 1] is embedded as sinusoidal(t * time_scale).
+    position_max_period: longest wavelength of the spatial sinusoidal embedding, patch units.
+    rope_theta: base of the temporal RoPE.
+    norm_epsilon: epsilon of the adaLN LayerNorms.
+    dtype: compute dtype name, e.g. "float32" or "bfloat16".
+    param_dtype: parameter dtype name.
+    attention_backend: key of `pfm.models.attention.ATTENTION_BACKENDS`.
+  """
+
+  patch_size: int = 2
+  channels: int = 3
+  width: int = 64
+  depth: int = 2
+  num_heads: int = 2
+  mlp_ratio: float = 4.0
+  text_width: int = 32
+  text_depth: int = 1
+  text_heads: int = 2
+  text_mlp_ratio: float = 4.0
+  text_vocab_size: int = TEXT_VOCAB_SIZE
+  text_embed_dim: int | None = None
+  time_frequency_dim: int = 256
+  time_scale: float = 1000.0
+  position_max_period: float = 10_000.0
+  rope_theta: float = 10_000.0
+  norm_epsilon: float = 1e-6
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention_backend: str = "xla"
+
+  @property
+  def patch_dim(self) -> int:
+    """P = patch_size^2 * channels, the feature size of a video token."""
+    return self.patch_size * self.patch_size * self.channels
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+
+# Size presets. "2B" is the paper's model: SD3-Medium's MM-DiT, 24 layers, width 1536, 24 heads.
+VARIANTS: dict[str, dict[str, Any]] = {
+  "smoke": dict(width=64, depth=2, num_heads=2, text_width=32, text_depth=1, text_heads=2),
+  "S": dict(width=256, depth=6, num_heads=4, text_width=256, text_depth=2, text_heads=4),
+  "B": dict(width=512, depth=12, num_heads=8, text_width=256, text_depth=4, text_heads=4),
+  "L": dict(width=1024, depth=16, num_heads=16, text_width=512, text_depth=6, text_heads=8),
+  "2B": dict(width=1536, depth=24, num_heads=24, text_width=768, text_depth=12, text_heads=12),
+}
+
+
+def model_config(variant: str = "smoke", **overrides: Any) -> MMDiTConfig:
+  """The preset `variant` (a key of `VARIANTS`) with field overrides.
+
+  Raises:
+    ValueError: for an unknown variant. TypeError: for an unknown field.
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown variant {variant!r}; known: {list(VARIANTS)}.")
+  return MMDiTConfig(**{**VARIANTS[variant], **overrides})
+
+
+class StreamBlock(nnx.Module):
+  """One stream (text or video) of a joint block: adaLN-Zero, QKV, output projection, MLP.
+
+  With `pre_only` (the text stream of the last block, as in SD3) only the modulated QKV is
+  kept, since the text output of the last block is never used.
+  """
+
+  def __init__(self, config: MMDiTConfig, *, pre_only: bool = False, rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    width = config.width
+    self.pre_only = pre_only
+    self.epsilon = config.norm_epsilon
+    # (shift, scale) for attention, plus (gate) and (shift, scale, gate) for the MLP.
+    n_mod = 2 if pre_only else 6
+    self.modulation = linear_general(
+      width, (n_mod, width), ("embed", None, "mlp"), kernel_init=zeros, **kw)
+    self.qkv = attention.QKV(width, config.num_heads, **kw)
+    if not pre_only:
+      self.out = attention.attention_output(width, config.num_heads, **kw)
+      self.mlp = Mlp(width, int(width * config.mlp_ratio), **kw)
+
+  def modulate(self, c: jax.Array) -> jax.Array:
+    """c: [B, L, D] conditioning -> [B, L, n_mod, D] modulation parameters."""
+    return with_logical_constraint(self.modulation(jax.nn.silu(c)), _MOD)
+
+  def pre_attention(
+    self, x: jax.Array, mod: jax.Array
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x: [B, L, D] -> q, k, v [B, L, H, Dh] of LN(x) * (1 + scale) + shift."""
+    h = layer_norm_no_affine(x, self.epsilon) * (1 + mod[:, :, 1]) + mod[:, :, 0]
+    return self.qkv(h)
+
+  def post_attention(self, x: jax.Array, a: jax.Array, mod: jax.Array) -> jax.Array:
+    """Gated residual updates: x += g1 * Out(a); x += g2 * MLP(LN(x) * (1 + s2) + b2)."""
+    x = x + mod[:, :, 2] * self.out(a)
+    h = layer_norm_no_affine(x, self.epsilon) * (1 + mod[:, :, 4]) + mod[:, :, 3]
+    x = x + mod[:, :, 5] * self.mlp(h)
+    return with_logical_constraint(x, _ACT)
+
+
+class JointBlock(nnx.Module):
+  """MM-DiT block: separate text/video weights, one joint attention over [text; video]."""
+
+  def __init__(self, config: MMDiTConfig, *, text_pre_only: bool = False, rngs: nnx.Rngs):
+    self.attention_backend = config.attention_backend
+    self.text = StreamBlock(config, pre_only=text_pre_only, rngs=rngs)
+    self.video = StreamBlock(config, rngs=rngs)
+
+  def __call__(
+    self,
+    x_text: jax.Array,
+    c_text: jax.Array,
+    x_video: jax.Array,
+    c_video: jax.Array,
+    angles: jax.Array,
+    mask: attention.MaskInfo,
+  ) -> tuple[jax.Array, jax.Array]:
+    """One joint block.
+
+    Args:
+      x_text: [B, Lt, D] text stream; c_text: [B, Lt, D] its per-token conditioning.
+      x_video: [B, L, D] video stream; c_video: [B, L, D] its per-token conditioning.
+      angles: float32 [B, Lt + L, Dh / 2] RoPE angles of [text; video].
+      mask: metadata of [text; video] (queries and keys).
+
+    Returns:
+      (x_text, x_video) updated; x_text is returned unchanged by a pre-only text stream.
+    """
+    lt = x_text.shape[1]
+    mod_t = self.text.modulate(c_text)
+    mod_v = self.video.modulate(c_video)
+    qt, kt, vt = self.text.pre_attention(x_text, mod_t)
+    qv, kv, vv = self.video.pre_attention(x_video, mod_v)
+    q = apply_rope(jnp.concatenate([qt, qv], axis=1), angles)
+    k = apply_rope(jnp.concatenate([kt, kv], axis=1), angles)
+    v = jnp.concatenate([vt, vv], axis=1)
+    a = attention.dot_product_attention(q, k, v, mask, backend=self.attention_backend)
+    x_video = self.video.post_attention(x_video, a[:, lt:], mod_v)
+    if not self.text.pre_only:
+      x_text = self.text.post_attention(x_text, a[:, :lt], mod_t)
+    return x_text, x_video
+
+
+class FinalLayer(nnx.Module):
+  """adaLN-modulated LayerNorm and a zero-initialised Linear to the patch features."""
+
+  def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.epsilon = config.norm_epsilon
+    self.modulation = linear_general(
+      config.width, (2, config.width), ("embed", None, "mlp"), kernel_init=zeros, **kw)
+    self.linear = linear(
+      config.width, config.patch_dim, ("embed", None), kernel_init=zeros, **kw)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    """x, c: [B, L, D] -> [B, L, patch_dim] in the compute dtype."""
+    mod = self.modulation(jax.nn.silu(c))
+    h = layer_norm_no_affine(x, self.epsilon) * (1 + mod[:, :, 1]) + mod[:, :, 0]
+    return self.linear(h)
+
+
+class MMDiT(nnx.Module):
+  """The pyramidal-flow MM-DiT: packed video tokens + captions -> velocity per video token.
+
+  Source: Pyramidal Flow (Jin et al., ICLR 2025) Sec. 4.1 and Appendix B, on the MM-DiT of
+  SD3-Medium (Esser et al., 2024); blockwise causal attention of Sec. 3.4.
+  """
+
+  def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs):
+    if config.width % config.num_heads or config.head_dim % 2:
+      raise ValueError("width / num_heads must be an even integer.")
+    if config.width % 4:
+      raise ValueError("width must be a multiple of 4 (2-D sinusoidal embedding).")
+    if config.text_depth == 0 and config.text_embed_dim is None:
+      raise ValueError("Set text_depth > 0 or text_embed_dim: the model needs a text input.")
+    self.config = config
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    self.dtype = dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    width = config.width
+
+    self.patch_embed = linear(config.patch_dim, width, (None, "embed"), **kw)
+    self.time_embed = TimestepEmbedder(
+      width, frequency_dim=config.time_frequency_dim, time_scale=config.time_scale, **kw)
+    if config.text_depth > 0:
+      self.text_encoder = ByteTextEncoder(
+        config.text_width, config.text_depth, config.text_heads,
+        mlp_ratio=config.text_mlp_ratio, vocab_size=config.text_vocab_size,
+        rope_theta=config.rope_theta, attention_backend=config.attention_backend, **kw)
+    else:
+      self.text_encoder = None
+    if config.text_embed_dim is not None:
+      self.text_projection = linear(
+        config.text_embed_dim, config.text_width, (None, "embed"), **kw)
+    else:
+      self.text_projection = None
+    self.context_embed = linear(config.text_width, width, (None, "embed"), **kw)
+    self.pooled_text_embed = MLPEmbedder(config.text_width, width, **kw)
+    self.blocks = nnx.List([
+      JointBlock(config, text_pre_only=(i == config.depth - 1), rngs=rngs)
+      for i in range(config.depth)
+    ])
+    self.final_layer = FinalLayer(config, rngs=rngs)
+
+  def encode_text(
+    self,
+    text_tokens: jax.Array | None,
+    text_segment_ids: jax.Array,
+    text_embeddings: jax.Array | None = None,
+  ) -> jax.Array:
+    """Per-token caption features [B, Lt, text_width] from byte ids or precomputed embeddings.
+
+    Raises:
+      ValueError: unless exactly one of text_tokens / text_embeddings is given and the model
+        has the matching input (byte encoder / `text_embed_dim`).
+    """
+    if (text_tokens is None) == (text_embeddings is None):
+      raise ValueError("Pass exactly one of text_tokens and text_embeddings.")
+    if text_embeddings is not None:
+      if self.text_projection is None:
+        raise ValueError("text_embeddings given but config.text_embed_dim is None.")
+      return self.text_projection(text_embeddings)
+    if self.text_encoder is None:
+      raise ValueError("text_tokens given but the model has no byte encoder (text_depth=0).")
+    return self.text_encoder(text_tokens, text_segment_ids)
+
+  def __call__(
+    self,
+    video_tokens: jax.Array,
+    video_t: jax.Array,
+    video_segment_ids: jax.Array,
+    frame_index: jax.Array,
+    positions: jax.Array,
+    text_tokens: jax.Array | None = None,
+    text_segment_ids: jax.Array | None = None,
+    text_t: jax.Array | None = None,
+    *,
+    text_embeddings: jax.Array | None = None,
+  ) -> jax.Array:
+    """Predicts the velocity of every video token of a packed batch.
+
+    Args:
+      video_tokens: float [B, L, P] patchified noisy video tokens, P = config.patch_dim.
+      video_t: float32 [B, L] each token's noise level in [0, 1] (0 = noise, 1 = data).
+      video_segment_ids: int32 [B, L] packed sample id 1..S, 0 = padding.
+      frame_index: int32 [B, L] temporal index of the token's frame unit (0 = first).
+      positions: float32 [B, L, 2] (row, col) in patch units, fractional allowed.
+      text_tokens: int32 [B, Lt] caption bytes + 2, 1 = BOS, 0 = padding.
+      text_segment_ids: int32 [B, Lt] segment of each text token, 0 = padding. Required.
+      text_t: float32 [B, Lt] noise level of the segment's current unit. Required.
+      text_embeddings: float [B, Lt, config.text_embed_dim] precomputed caption embeddings,
+        instead of text_tokens.
+
+    Returns:
+      float32 [B, L, P] velocity prediction; exactly zero at padding tokens.
+
+    Raises:
+      ValueError: if text_segment_ids or text_t is missing, or on a text input mismatch.
+    """
+    if text_segment_ids is None or text_t is None:
+      raise ValueError("text_segment_ids and text_t are required.")
+    config = self.config
+    text = self.encode_text(text_tokens, text_segment_ids, text_embeddings)
+
+    # Per-token conditioning c = MLP(sin(t * 1000)) + MLP(pooled text of the token's segment).
+    # The pooled MLP runs on text tokens; a video token then takes its segment's value.
+    pooled = self.pooled_text_embed(
+      segment_mean(text, text_segment_ids, text_segment_ids))        # [B, Lt, D]
+    c_text = self.time_embed(text_t) + pooled
+    c_video = self.time_embed(video_t) + segment_mean(
+      pooled, video_segment_ids, text_segment_ids)                    # [B, L, D]
+    c_text = with_logical_constraint(c_text, _ACT)
+    c_video = with_logical_constraint(c_video, _ACT)
+
+    # Streams: patch embedding + 2-D sinusoidal spatial position; projected caption features.
+    x_video = self.patch_embed(video_tokens.astype(self.dtype)) + spatial_position_embedding(
+      positions, config.width, config.position_max_period).astype(self.dtype)
+    x_video = with_logical_constraint(x_video, _ACT)
+    x_text = with_logical_constraint(self.context_embed(text), _ACT)
+
+    # Joint sequence [text; video]: mask metadata (text at frame -1) and temporal RoPE angles
+    # (text at position 0).
+    segment_ids = jnp.concatenate([text_segment_ids, video_segment_ids], axis=1)
+    frames = jnp.concatenate(
+      [jnp.full_like(text_segment_ids, attention.TEXT_FRAME), frame_index], axis=1)
+    mask = attention.MaskInfo.self_attention(segment_ids, frames)
+    angles = rope_angles(
+      jnp.concatenate([jnp.zeros_like(text_segment_ids), frame_index], axis=1),
+      config.head_dim, config.rope_theta)
+
+    for block in self.blocks:
+      x_text, x_video = block(x_text, c_text, x_video, c_video, angles, mask)
+
+    out = self.final_layer(x_video, c_video).astype(jnp.float32)
+    return jnp.where(video_segment_ids[..., None] != 0, out, 0.0)
+
+
+def build_model(config: MMDiTConfig | str | Mapping[str, Any], rngs: nnx.Rngs) -> MMDiT:
+  """Builds an `MMDiT`.
+
+  Args:
+    config: an `MMDiTConfig`, a variant name (see `VARIANTS`), or a mapping of config fields
+      with an optional "variant" key naming the preset they override (e.g. an ml_collections
+      ConfigDict).
+    rngs: parameter RNGs, e.g. `nnx.Rngs(0)`.
+  """
+  if isinstance(config, str):
+    config = model_config(config)
+  elif not isinstance(config, MMDiTConfig):
+    fields = dict(config)
+    config = model_config(fields.pop("variant", "smoke"), **fields)
+  return MMDiT(config, rngs=rngs)
+
+
+def count_params(model_or_state: Any) -> int:
+  """Number of parameter scalars of a model (`nnx.Param` only), its state, or any pytree.
+
+  Works on abstract models/states (`nnx.eval_shape`), since only shapes are read.
+  """
+  tree = model_or_state
+  if isinstance(tree, nnx.Module):
+    tree = nnx.state(tree, nnx.Param)
+  elif isinstance(tree, nnx.State):
+    tree = tree.filter(nnx.Param)
+  return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))

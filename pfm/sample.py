@@ -1,0 +1,240 @@
+r"""Sampling: ``python -m pfm.sample --workdir=runs/demo --prompt="..." [--image=first.png]``.
+
+Autoregressive generation with the temporal pyramid (paper Sec. 3.3, Eq. 17): frame unit after
+frame unit, each through all spatial stages (Algorithm 1) with the pure sampler of
+``pfm.pyramid.samplers`` driven by the MM-DiT as ``velocity_fn``. The history is the clean
+generated units at progressively lower resolution, laid out by the same code the training pipeline
+uses (``pfm.data.layout``). Classifier-free guidance uses the null caption (BOS only):
+``guidance_scale`` for the first frame, ``video_guidance_scale`` for later frames.
+
+The same options are available in Python, for notebooks::
+
+  sampler = Sampler.from_workdir("runs/demo")
+  frames = sampler.generate("a big fluffy grey cartoon rabbit ...", num_frames=16, seed=0)
+  write_mp4("rabbit.mp4", frames)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from pfm import checkpointing
+from pfm import config as config_lib
+from pfm.data import layout
+from pfm.data import text as text_lib
+from pfm.data import video as video_lib
+from pfm.pyramid import samplers
+
+FLAGS = flags.FLAGS
+
+
+def to_uint8(frames) -> np.ndarray:
+  """Pixels in [-1, 1] (float) -> uint8 in [0, 255]."""
+  return np.asarray(np.clip((np.asarray(frames, np.float32) + 1.0) * 127.5 + 0.5, 0, 255),
+                    np.uint8)
+
+
+def to_float(frames) -> np.ndarray:
+  """uint8 [0, 255] -> float32 pixels in [-1, 1]."""
+  return np.asarray(frames, np.float32) / 127.5 - 1.0
+
+
+class Sampler:
+  """Text-to-video and text-conditioned image-to-video generation from a trained MM-DiT.
+
+  Args:
+    config: the run config (``workdir/config.json``).
+    graphdef: the model's ``nnx.GraphDef``.
+    params: the parameters to sample with (the EMA parameters of a checkpoint).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, graphdef, params):
+    self.config = config
+    self._graphdef = graphdef
+    self._params = params
+    self._windows = config_lib.stage_windows(config)
+    self._sample_unit = jax.jit(self._sample_unit_impl, static_argnames=("steps",))
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: int | None = None) -> "Sampler":
+    """Loads ``workdir/config.json`` and the EMA parameters of the latest (or given) checkpoint.
+
+    Raises:
+      FileNotFoundError: if the workdir has no config or no checkpoint.
+    """
+    from pfm import train  # the train state layout lives there
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found: is {workdir} a pfm.train workdir?")
+    with open(path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+    graphdef, abstract = train.abstract_state(config)
+    state, _ = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).restore(
+        abstract, step=step)
+    return cls(config, graphdef, state["ema_params"])
+
+  # -- one frame unit through all stages ---------------------------------------------------------
+
+  def _sample_unit_impl(self, params, key, history, frame_i, text_tokens, text_segment_ids,
+                        guidance_scale, *, steps):
+    """Generates unit ``frame_i`` given per-stage padded history arrays; jitted per ``steps``."""
+    cfg = self.config
+    p = cfg.model.patch_size
+    num_stages = cfg.pyramid.num_stages
+    height, width = cfg.data.height, cfg.data.width
+    model = nnx.merge(self._graphdef, params)
+
+    def velocity_fn(x, t, k):
+      h = history[k]
+      hk, wk = height // 2**k, width // 2**k
+      current = layout.patchify(x, p)
+      n = current.shape[0]
+      grid = layout.grid_positions((hk // p, wk // p), (hk // p, wk // p))
+      tokens = jnp.concatenate([current, h["tokens"]])
+      segment = jnp.concatenate([jnp.ones((n,), jnp.int32), h["segment_ids"]])
+      frames = jnp.concatenate([jnp.full((n,), frame_i, jnp.int32), h["frame_index"]])
+      positions = jnp.concatenate([jnp.asarray(grid), h["positions"]])
+      video_t = jnp.concatenate([jnp.full((n,), t), jnp.ones_like(h["segment_ids"], jnp.float32)])
+      both = lambda a: jnp.broadcast_to(a, (2, *a.shape))  # row 0 prompt, row 1 null caption
+      pred = model(
+          video_tokens=both(tokens), video_t=both(video_t), video_segment_ids=both(segment),
+          frame_index=both(frames), positions=both(positions), text_tokens=text_tokens,
+          text_segment_ids=text_segment_ids, text_t=jnp.full(text_tokens.shape, t))
+      v_cond, v_null = pred[0, :n], pred[1, :n]
+      v = v_null + guidance_scale * (v_cond - v_null)
+      return layout.unpatchify(v, p, hk, wk)
+
+    return samplers.sample_pyramid(velocity_fn, key, (height, width, 3), self._windows, steps,
+                                   cfg.pyramid.gamma)
+
+  def _history_arrays(self, history_frames: np.ndarray, length: int):
+    """Per stage k: the clean history tokens padded to ``length - tokens(current unit at k)``."""
+    cfg = self.config
+    p, num_stages = cfg.model.patch_size, cfg.pyramid.num_stages
+    out = []
+    for k in range(num_stages):
+      h = layout.layout_history(history_frames, k, num_stages, p)
+      grid = layout.level_token_grid(cfg.data.height, cfg.data.width, k, p)
+      room = length - grid[0] * grid[1]
+      n = h["tokens"].shape[0]
+      if n > room:
+        raise ValueError(f"history of {len(history_frames)} units needs {n} tokens, room {room}")
+      pad = lambda a: np.concatenate([a, np.zeros((room - n, *a.shape[1:]), a.dtype)])
+      out.append(dict(tokens=pad(h["tokens"]), frame_index=pad(h["frame_index"]),
+                      positions=pad(h["positions"]),
+                      segment_ids=pad(np.ones((n,), np.int32))))
+    return tuple(out)
+
+  def generate(self, prompt: str, *, num_frames: int | None = None,
+               first_frame_steps=None, later_frame_steps=None,
+               guidance_scale: float | None = None, video_guidance_scale: float | None = None,
+               seed: int = 0, image: np.ndarray | None = None,
+               progress: bool = True) -> np.ndarray:
+    """Generates a video for ``prompt``.
+
+    Args:
+      prompt: the caption (UTF-8; truncated to ``config.data.caption_length`` bytes).
+      num_frames: frame units to generate (may exceed the training clip length).
+      first_frame_steps, later_frame_steps: Euler steps per stage, coarsest first.
+      guidance_scale, video_guidance_scale: classifier-free guidance for the first / later units.
+      seed: sampling seed; the same seed gives the same video.
+      image: optional first frame (uint8 ``[H, W, 3]`` at the model's resolution, or any size,
+        which is centre-cropped and resized) for image-to-video.
+      progress: show a progress bar.
+
+    Returns:
+      uint8 ``[num_frames, H, W, 3]``.
+    """
+    from tqdm.auto import tqdm
+
+    s = self.config.sample
+    num_frames = num_frames or s.num_frames
+    first_frame_steps = tuple(first_frame_steps or s.first_frame_steps)
+    later_frame_steps = tuple(later_frame_steps or s.later_frame_steps)
+    guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
+    video_guidance_scale = (s.video_guidance_scale if video_guidance_scale is None
+                            else video_guidance_scale)
+    cfg = self.config
+    length = layout.max_tokens_per_sample(
+        num_frames, height=cfg.data.height, width=cfg.data.width, patch_size=cfg.model.patch_size,
+        num_stages=cfg.pyramid.num_stages)
+    length = -(-length // 64) * 64  # a few padded lengths, so few compilations
+    text_len = cfg.data.caption_length
+    cond = text_lib.encode_caption(prompt, text_len)
+    null = text_lib.encode_caption("", text_len)
+    text_tokens = np.zeros((2, text_len), np.int32)
+    text_tokens[0, :len(cond)], text_tokens[1, :len(null)] = cond, null
+    text_segment_ids = (text_tokens > 0).astype(np.int32)
+
+    frames = []
+    if image is not None:
+      frames.append(to_float(video_lib.fit_frame(image, cfg.data.height, cfg.data.width)))
+    key = jax.random.key(seed)
+    for i in tqdm(range(len(frames), num_frames), desc="frame units", disable=not progress):
+      history = np.stack(frames) if frames else np.zeros((0, cfg.data.height, cfg.data.width, 3),
+                                                         np.float32)
+      first = i == 0
+      x = self._sample_unit(
+          self._params, jax.random.fold_in(key, i), self._history_arrays(history, length),
+          jnp.int32(i), text_tokens, text_segment_ids,
+          jnp.float32(guidance_scale if first else video_guidance_scale),
+          steps=first_frame_steps if first else later_frame_steps)
+      frames.append(np.asarray(jnp.clip(x, -1.0, 1.0)))
+    return to_uint8(np.stack(frames))
+
+
+def write_training_samples(sampler: Sampler, config, workdir: str, step: int, writer):
+  """Samples the first ``config.sample.num_videos`` captions of the manifest; mp4 + TensorBoard."""
+  from pfm.data import pipeline
+
+  records, _ = pipeline.load_records(config)
+  out_dir = os.path.join(workdir, "samples", f"step_{step:07d}")
+  strips = {}
+  for n, record in enumerate(records[:config.sample.num_videos]):
+    frames = sampler.generate(record["text"], seed=n, progress=False)
+    video_lib.write_mp4(os.path.join(out_dir, f"sample_{n}.mp4"), frames)
+    strips[f"samples/{n}"] = np.concatenate(list(frames), axis=1)[None]
+  if jax.process_index() == 0:
+    writer.write_images(step, strips)
+  logging.info("Wrote %d sample videos to %s", len(strips), out_dir)
+
+
+def main(argv):
+  del argv
+  sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.step)
+  image = video_lib.read_image(FLAGS.image) if FLAGS.image else None
+  frames = sampler.generate(
+      FLAGS.prompt, num_frames=FLAGS.num_frames,
+      first_frame_steps=FLAGS.first_frame_steps and [int(v) for v in FLAGS.first_frame_steps],
+      later_frame_steps=FLAGS.later_frame_steps and [int(v) for v in FLAGS.later_frame_steps],
+      guidance_scale=FLAGS.guidance_scale, video_guidance_scale=FLAGS.video_guidance_scale,
+      seed=FLAGS.seed, image=image)
+  output = FLAGS.output or os.path.join(FLAGS.workdir, "samples", f"seed{FLAGS.seed}.mp4")
+  video_lib.write_mp4(output, frames)
+  print(output)
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "A pfm.train workdir (config.json + checkpoints).")
+  flags.DEFINE_string("prompt", None, "The caption to generate.")
+  flags.DEFINE_string("image", None, "Optional first frame (png/jpg) for image-to-video.")
+  flags.DEFINE_integer("num_frames", None, "Frame units to generate (default: config).")
+  flags.DEFINE_list("first_frame_steps", None, "Euler steps per stage for the first frame.")
+  flags.DEFINE_list("later_frame_steps", None, "Euler steps per stage for later frames.")
+  flags.DEFINE_float("guidance_scale", None, "Guidance scale for the first frame.")
+  flags.DEFINE_float("video_guidance_scale", None, "Guidance scale for later frames.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_string("output", None, "Output mp4 path (default: workdir/samples/seed<N>.mp4).")
+  flags.mark_flags_as_required(["workdir", "prompt"])
+  app.run(main)

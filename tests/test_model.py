@@ -1,0 +1,327 @@
+"""Tests of pfm.models: the MM-DiT on packed token batches, its mask, text path and sizes."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pfm import models
+from pfm.models import attention, text
+
+# Row 0 packs two samples: segment 1 has three 2x2 frame units (frames 0, 1, 2), segment 2 has
+# two 1x2 units placed at fractional positions, then 4 padding tokens. Row 1 has one sample of
+# three 2x2 units and 8 padding tokens.
+L, LT = 20, 16
+SMOKE = models.model_config("smoke", text_embed_dim=24)
+GRID = [(0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0)]
+
+
+def _row(units):
+  """units: list of (segment, frame, positions) -> (segment_ids, frames, positions) padded."""
+  seg, frame, pos = [], [], []
+  for s, f, ps in units:
+    seg += [s] * len(ps)
+    frame += [f] * len(ps)
+    pos += ps
+  pad = L - len(seg)
+  return seg + [0] * pad, frame + [0] * pad, pos + [(0.0, 0.0)] * pad
+
+
+def _caption(*captions):
+  """Packs (segment, caption) pairs into token ids and segment ids of length LT."""
+  tokens, seg = [], []
+  for s, c in captions:
+    ids = [text.BOS_ID] + [b + text.BYTE_OFFSET for b in c.encode("utf-8")]
+    tokens += ids
+    seg += [s] * len(ids)
+  pad = LT - len(tokens)
+  return tokens + [0] * pad, seg + [0] * pad
+
+
+def make_batch(seed: int = 0) -> dict[str, jax.Array]:
+  rows = [
+    _row([(1, 0, GRID), (1, 1, GRID), (1, 2, GRID),
+          (2, 0, [(0.5, 0.5), (0.5, 1.5)]), (2, 1, [(0.5, 0.5), (0.5, 1.5)])]),
+    _row([(1, 0, GRID), (1, 1, GRID), (1, 2, GRID)]),
+  ]
+  captions = [_caption((1, "a cat"), (2, "")), _caption((1, "dog runs"))]
+  rng = np.random.default_rng(seed)
+  cfg = models.model_config("smoke")
+  video_t = rng.uniform(0.0, 1.0, (2, L)).astype(np.float32)
+  video_t[:, :4] = 0.97  # First unit is (slightly corrupted) history.
+  return dict(
+    video_tokens=jnp.asarray(rng.normal(size=(2, L, cfg.patch_dim)), jnp.float32),
+    video_t=jnp.asarray(video_t),
+    video_segment_ids=jnp.asarray([r[0] for r in rows], jnp.int32),
+    frame_index=jnp.asarray([r[1] for r in rows], jnp.int32),
+    positions=jnp.asarray([r[2] for r in rows], jnp.float32),
+    text_tokens=jnp.asarray([c[0] for c in captions], jnp.int32),
+    text_segment_ids=jnp.asarray([c[1] for c in captions], jnp.int32),
+    text_t=jnp.asarray(rng.uniform(0.0, 1.0, (2, LT)), jnp.float32),
+  )
+
+
+def randomize(model: nnx.Module, scale: float = 0.05, seed: int = 1) -> nnx.Module:
+  """Adds noise to every parameter, so zero-initialised gates and outputs become non-zero.
+
+  Uses numpy on the host: eager jax.random per parameter shape is slow to compile on CPU.
+  """
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(
+    lambda p: jnp.asarray(np.asarray(p) + scale * rng.standard_normal(p.shape), p.dtype),
+    nnx.state(model, nnx.Param))
+  nnx.update(model, params)
+  return model
+
+
+@functools.cache
+def _initial(config: models.MMDiTConfig) -> models.MMDiT:
+  return models.build_model(config, nnx.Rngs(0))
+
+
+def build(config: models.MMDiTConfig, randomized: bool = True) -> models.MMDiT:
+  """A fresh copy of the (cached) initial model, optionally with randomized parameters."""
+  model = nnx.clone(_initial(config))
+  return randomize(model) if randomized else model
+
+
+@nnx.jit
+def forward(model, batch):
+  return model(**batch)
+
+
+@nnx.jit
+def forward_embeddings(model, batch, embeddings):
+  batch = {k: v for k, v in batch.items() if k != "text_tokens"}
+  return model(**batch, text_embeddings=embeddings)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return build(SMOKE)
+
+
+@pytest.fixture(scope="module")
+def batch():
+  return make_batch()
+
+
+@pytest.fixture(scope="module")
+def base_out(model, batch):
+  return np.asarray(forward(model, batch))
+
+
+def _diff(a, b):
+  return np.abs(np.asarray(a) - np.asarray(b)).max(axis=-1)  # [B, L]
+
+
+# Masks of row 0 of the batch.
+def _where(batch, row, seg, frame=None):
+  m = np.asarray(batch["video_segment_ids"][row]) == seg
+  if frame is not None:
+    m &= np.asarray(batch["frame_index"][row]) == frame
+  return m
+
+
+def test_make_attention_mask_hand_written():
+  # Tokens: [text s1, text s1, text s2, video s1 f0, video s1 f1, video s2 f0, pad].
+  seg = jnp.asarray([[1, 1, 2, 1, 1, 2, 0]], jnp.int32)
+  frm = jnp.asarray([[-1, -1, -1, 0, 1, 0, 0]], jnp.int32)
+  expected = np.array([
+    # t1 t1 t2 v10 v11 v20 pad
+    [1, 1, 0, 0, 0, 0, 0],  # text s1
+    [1, 1, 0, 0, 0, 0, 0],  # text s1
+    [0, 0, 1, 0, 0, 0, 0],  # text s2
+    [1, 1, 0, 1, 0, 0, 0],  # video s1 f0: own text, own frame
+    [1, 1, 0, 1, 1, 0, 0],  # video s1 f1: own text, frames 0 and 1
+    [0, 0, 1, 0, 0, 1, 0],  # video s2 f0
+    [0, 0, 0, 0, 0, 0, 0],  # padding attends to nothing
+  ], bool)
+  mask = attention.make_attention_mask(seg, frm, seg, frm)
+  assert mask.shape == (1, 1, 7, 7) and mask.dtype == jnp.bool_
+  np.testing.assert_array_equal(np.asarray(mask[0, 0]), expected)
+  info = attention.MaskInfo.self_attention(seg, frm)
+  np.testing.assert_array_equal(np.asarray(info.dense()), np.asarray(mask))
+
+
+def test_attention_fully_masked_rows_are_zero_and_finite():
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(k1, (1, 3, 2, 8))
+  k = jax.random.normal(k2, (1, 3, 2, 8))
+  v = jax.random.normal(k3, (1, 3, 2, 8))
+  info = attention.MaskInfo.self_attention(
+    jnp.asarray([[1, 1, 0]], jnp.int32), jnp.asarray([[0, 1, 0]], jnp.int32))
+
+  @jax.jit
+  def f(q, k, v):
+    return attention.dot_product_attention(q, k, v, info).sum()
+
+  out = jax.jit(attention.dot_product_attention)(q, k, v, info)
+  assert np.all(np.isfinite(out))
+  np.testing.assert_array_equal(np.asarray(out[0, 2]), 0.0)
+  # First query sees only the first key: output equals its value.
+  np.testing.assert_allclose(np.asarray(out[0, 0]), np.asarray(v[0, 0]), atol=1e-6)
+  grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+  assert all(np.all(np.isfinite(g)) for g in grads)
+  with pytest.raises(ValueError):
+    attention.dot_product_attention(q, k, v, info, backend="nope")
+
+
+def test_segment_helpers():
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0]], jnp.int32)
+  np.testing.assert_array_equal(
+    np.asarray(text.segment_positions(seg)), [[0, 1, 2, 0, 1, 0, 1]])
+  values = jnp.arange(7, dtype=jnp.float32)[None, :, None]
+  q_seg = jnp.asarray([[2, 1, 0, 3]], jnp.int32)
+  np.testing.assert_allclose(
+    np.asarray(text.segment_mean(values, q_seg, seg))[0, :, 0], [3.5, 1.0, 0.0, 0.0])
+
+
+def test_zero_init_output_is_zero(batch):
+  out = forward(build(SMOKE, randomized=False), batch)
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+def test_output_shape_dtype_finite(model, batch, base_out):
+  cfg = model.config
+  assert base_out.shape == (2, L, cfg.patch_dim)
+  assert base_out.dtype == np.float32
+  assert np.all(np.isfinite(base_out))
+  pad = np.asarray(batch["video_segment_ids"]) == 0
+  np.testing.assert_array_equal(base_out[pad], 0.0)
+  assert np.abs(base_out[~pad]).max() > 1e-3
+
+
+def test_blockwise_causal_later_frame(model, batch, base_out):
+  later = _where(batch, 0, 1, frame=2)
+  noise = jax.random.normal(jax.random.key(3), batch["video_tokens"].shape[1:])
+  tokens = batch["video_tokens"].at[0].add(jnp.where(later[:, None], noise, 0.0))
+  video_t = batch["video_t"].at[0].set(jnp.where(later, 0.123, batch["video_t"][0]))
+  out = forward(model, {**batch, "video_tokens": tokens, "video_t": video_t})
+  d = _diff(out, base_out)
+  earlier = _where(batch, 0, 1, frame=0) | _where(batch, 0, 1, frame=1)
+  assert d[0][earlier].max() <= 1e-6, d[0][earlier].max()
+  assert d[0][later].min() > 1e-4
+  assert d[0][_where(batch, 0, 2)].max() <= 1e-6  # Other segment.
+  assert d[1].max() <= 1e-6  # Other row.
+
+
+def test_earlier_frame_affects_later(model, batch, base_out):
+  first = _where(batch, 0, 1, frame=0)
+  tokens = batch["video_tokens"].at[0].add(jnp.where(first[:, None], 1.0, 0.0))
+  d = _diff(forward(model, {**batch, "video_tokens": tokens}), base_out)
+  assert d[0][_where(batch, 0, 1, frame=2)].min() > 1e-5
+
+
+def test_other_segment_isolated(model, batch, base_out):
+  seg2 = _where(batch, 0, 2)
+  tokens = batch["video_tokens"].at[0].add(jnp.where(seg2[:, None], 1.0, 0.0))
+  text_tokens, text_seg = _caption((1, "a cat"), (2, "zebra"))
+  new = {**batch, "video_tokens": tokens,
+         "text_tokens": batch["text_tokens"].at[0].set(jnp.asarray(text_tokens)),
+         "text_segment_ids": batch["text_segment_ids"].at[0].set(jnp.asarray(text_seg))}
+  d = _diff(forward(model, new), base_out)
+  assert d[0][_where(batch, 0, 1)].max() <= 1e-6
+  assert d[0][seg2].min() > 1e-4
+
+
+def test_text_conditions_its_segment(model, batch, base_out):
+  text_tokens, text_seg = _caption((1, "a dog"), (2, ""))
+  np.testing.assert_array_equal(text_seg, np.asarray(batch["text_segment_ids"][0]))
+  new = {**batch, "text_tokens": batch["text_tokens"].at[0].set(jnp.asarray(text_tokens))}
+  d = _diff(forward(model, new), base_out)
+  assert d[0][_where(batch, 0, 1)].min() > 1e-5
+  assert d[0][_where(batch, 0, 2)].max() <= 1e-6
+  assert d[1].max() <= 1e-6
+
+
+def test_per_token_noise_level_matters(model, batch, base_out):
+  idx = 9  # Segment 1, frame 2.
+  video_t = batch["video_t"].at[0, idx].set(1.0 - batch["video_t"][0, idx])
+  d = _diff(forward(model, {**batch, "video_t": video_t}), base_out)
+  assert d[0, idx] > 1e-4
+  assert d[0][_where(batch, 0, 1, frame=0)].max() <= 1e-6
+
+
+def test_precomputed_text_embeddings(model, batch, base_out):
+  emb = jax.random.normal(jax.random.key(5), (2, LT, model.config.text_embed_dim))
+  out = np.asarray(forward_embeddings(model, batch, emb))
+  assert out.shape == base_out.shape and np.all(np.isfinite(out))
+  seg1_text = np.asarray(batch["text_segment_ids"][0]) == 1
+  emb2 = emb.at[0].add(jnp.where(jnp.asarray(seg1_text)[:, None], 1.0, 0.0))
+  d = _diff(forward_embeddings(model, batch, emb2), out)
+  assert d[0][_where(batch, 0, 1)].min() > 1e-5
+  assert d[0][_where(batch, 0, 2)].max() <= 1e-6
+  with pytest.raises(ValueError):
+    model(**batch, text_embeddings=emb)  # Both tokens and embeddings.
+  only_emb = nnx.eval_shape(lambda: models.build_model(
+    models.model_config("smoke", text_depth=0, text_embed_dim=24), nnx.Rngs(0)))
+  assert only_emb.text_encoder is None
+  with pytest.raises(ValueError):
+    only_emb(**batch)  # No byte encoder for text_tokens.
+
+
+def test_every_param_has_logical_names(model):
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names = var.get_metadata().get("out_sharding")
+    assert names is not None and len(names) == var.ndim, (path, names, var.shape)
+    assert not (set(names) - set(models.partitioning.PARAM_AXES) - {None}), (path, names)
+
+
+def test_logical_constraints_on_a_mesh(model, batch, base_out):
+  rules = (
+    ("activation_batch", ("data", "fsdp")), ("activation_length", "sequence"),
+    ("activation_embed", None), ("activation_heads", "tensor"), ("activation_kv", None),
+    ("activation_mlp", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"),
+    ("heads", "tensor"), ("kv", None), ("vocab", "tensor"), ("norm", None),
+  )
+  mesh = jax.make_mesh(
+    (1, 1, 1, 1), ("data", "fsdp", "tensor", "sequence"),
+    axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  assert models.logical_to_mesh_axes(("activation_batch", "embed", "mlp"), rules) == (
+    jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor"))
+  apply = lambda s, b: nnx.merge(*s)(**b)  # noqa: E731
+  assert "sharding_constraint" not in str(jax.make_jaxpr(apply)(nnx.split(model), batch))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    assert "sharding_constraint" in str(jax.make_jaxpr(apply)(nnx.split(model), batch))
+    out = jax.jit(apply)(nnx.split(model), batch)
+    specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+  np.testing.assert_allclose(np.asarray(out), base_out, atol=1e-6)
+  fc1 = specs["blocks"][0]["video"]["mlp"]["fc1"]["kernel"]
+  assert fc1.get_value() == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+def test_bfloat16_compute(batch):
+  model = build(models.model_config("smoke", dtype="bfloat16"))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  out = forward(model, batch)
+  assert out.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(out)))
+
+
+def test_build_from_name_or_mapping():
+  by_name = nnx.eval_shape(lambda: models.build_model("smoke", nnx.Rngs(0)))
+  by_map = nnx.eval_shape(
+    lambda: models.build_model({"variant": "smoke", "depth": 3}, nnx.Rngs(0)))
+  assert len(by_map.blocks) == 3 and len(by_name.blocks) == 2
+  per_block = models.count_params(by_map.blocks[0])
+  assert models.count_params(by_map) > models.count_params(by_name) + 0.5 * per_block
+  with pytest.raises(ValueError):
+    models.model_config("XXL")
+
+
+def test_2b_parameter_count():
+  cfg = models.model_config("2B")
+  start = time.perf_counter()
+  abstract = nnx.eval_shape(lambda: models.MMDiT(cfg, rngs=nnx.Rngs(0)))
+  n = models.count_params(abstract)
+  n_text = models.count_params(abstract.text_encoder)
+  print(f"\n2B MM-DiT: {n:,} parameters ({n_text:,} in the byte text encoder); "
+        f"eval_shape {time.perf_counter() - start:.1f}s")
+  assert 1.5e9 < n < 2.6e9
+  assert models.count_params(nnx.split(abstract)[1]) == n
