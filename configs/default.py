@@ -31,8 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.width = 64
   c.data.num_frames = 16        # frame units per clip (a unit is one frame)
   c.data.frame_stride = 2       # take every 2nd frame of the source video
-  c.data.max_tokens = 512       # video tokens per packed row (Patch n' Pack)
-  c.data.max_text_tokens = 640  # caption tokens per packed row (captions are ~90 bytes)
+  c.data.max_tokens = 256       # video tokens per packed row (Patch n' Pack)
+  c.data.max_text_tokens = 384  # caption tokens per packed row (captions are ~90 bytes)
   c.data.caption_length = 96    # bytes per caption, BOS included
   c.data.batch_size = 4         # packed rows per step (global)
   c.data.num_workers = 0        # grain worker processes; 0 = in the training process
@@ -47,17 +47,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pyramid.time_distribution = "uniform"    # t' within a stage: uniform | logit_normal
   c.pyramid.history_noise_max = 1.0 / 3.0    # history corruption strength ~ U[0, this] (Sec. 4.1)
 
-  # Model: MM-DiT by variant name (smoke, S, B, L, 2B).
+  # Model: MM-DiT by variant name (smoke, XS, S, B, L, 2B).
   c.model = ml_collections.ConfigDict()
-  c.model.variant = "S"
+  c.model.variant = "XS"
   c.model.patch_size = 8
   c.model.attention = "xla"
   c.model.dtype = "float32"
+  c.model.prediction = "clean"   # network output: clean pixels (x-prediction) or "velocity"
   c.model.caption_dropout = 0.1  # probability of the empty caption, for classifier-free guidance
 
   # Optimizer: AdamW as in the paper's Table 4, constant after warm-up, EMA for sampling.
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = 3e-4
+  c.optimizer.learning_rate = 5e-4
   c.optimizer.warmup_steps = 100
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95
@@ -68,9 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Loop.
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 2000
+  c.train.num_steps = 3000
   c.train.log_every_steps = 25
-  c.train.checkpoint_every_steps = 250
+  c.train.checkpoint_every_steps = 500
   c.train.sample_every_steps = 1000
   c.train.max_checkpoints = 2
 

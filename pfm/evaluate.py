@@ -44,7 +44,7 @@ def prompt_to_video(sampler, records: list[dict], *, seed: int = 0, **generate_k
   """Generates one video per record caption and assigns each to its nearest training video.
 
   Returns:
-    a JSON-able dict: ``accuracy`` (fraction of prompts landing on their own video), ``hits``,
+    ``(result, videos)``: the generated uint8 videos and a JSON-able dict: ``accuracy`` (fraction of prompts landing on their own video), ``hits``,
     ``num_prompts``, ``assignment`` (per prompt: own record index -> assigned index) and the
     ``distances`` matrix.
   """
@@ -55,9 +55,10 @@ def prompt_to_video(sampler, records: list[dict], *, seed: int = 0, **generate_k
                for n, r in enumerate(records)]
   distances, assigned = nearest_video_assignment(generated, references)
   hits = int(np.sum(assigned == np.arange(len(records))))
-  return dict(accuracy=hits / len(records), hits=hits, num_prompts=len(records),
-              assignment=[int(a) for a in assigned], distances=distances.round(5).tolist(),
-              captions=[r["text"] for r in records])
+  result = dict(accuracy=hits / len(records), hits=hits, num_prompts=len(records),
+                assignment=[int(a) for a in assigned], distances=distances.round(5).tolist(),
+                captions=[r["text"] for r in records])
+  return result, generated
 
 
 def main(argv):
@@ -67,7 +68,7 @@ def main(argv):
 
   sampler = sample_lib.Sampler.from_workdir(FLAGS.workdir, FLAGS.step)
   records, _ = pipeline.load_records(sampler.config)
-  result = prompt_to_video(sampler, records, seed=FLAGS.seed)
+  result, _ = prompt_to_video(sampler, records, seed=FLAGS.seed)
   print(json.dumps(result, indent=2))
   with open(os.path.join(FLAGS.workdir, "prompt_to_video.json"), "w") as f:
     json.dump(result, f, indent=2)

@@ -20,6 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pfm.data import layout
 from pfm.pyramid import paths
 
 BOS_TOKEN = 1  # every caption starts with it; a dropped caption keeps only it (the null caption)
@@ -32,6 +33,9 @@ class ObjectiveConfig:
   time_distribution: str = "uniform"
   history_noise_max: float = 1.0 / 3.0
   caption_dropout: float = 0.1
+  prediction: str = "clean"  # what the network outputs: "clean" (x-prediction) or "velocity"
+  patch_size: int = 2
+  min_noise: float = 0.05  # clip of 1 - t when converting a clean prediction to a velocity
 
 
 def _per_segment(values, segment_ids):
@@ -50,11 +54,12 @@ def corrupt_packed_batch(key, batch, config: ObjectiveConfig):
     config: windows and noise settings.
 
   Returns:
-    ``(inputs, target, weight)``: ``inputs`` is a dict of the MM-DiT's keyword arguments
+    ``(inputs, target, weight, path)``: ``inputs`` is a dict of the MM-DiT's keyword arguments
     (``video_tokens``, ``video_t``, ``video_segment_ids``, ``frame_index``, ``positions``,
     ``text_tokens``, ``text_segment_ids``, ``text_t``); ``target`` [B, L, P] is u of Eq. (11) on
     current-unit tokens; ``weight`` float32 [B, L] sums to 1 over each row's supervised tokens
-    divided by the number of rows, so every packed sample counts equally whatever its token count.
+    divided by the number of rows, so every packed sample counts equally whatever its token count;
+    ``path`` holds ``t_local``, ``s``, ``e`` per token ([B, L, 1]) for ``to_velocity``.
   """
   clean_end = batch["clean_end"].astype(jnp.float32)
   clean_start = batch["clean_start"].astype(jnp.float32)
@@ -105,7 +110,23 @@ def corrupt_packed_batch(key, batch, config: ObjectiveConfig):
       positions=batch["positions"].astype(jnp.float32),
       text_tokens=batch["text_tokens"].astype(jnp.int32), text_segment_ids=text_seg_in,
       text_t=text_t)
-  return inputs, target, weight
+  path = dict(t_local=t_local[..., None], s=s, e=e)
+  return inputs, target, weight, path
+
+
+def to_velocity(output, inputs, path, config: ObjectiveConfig):
+  """The network's output as an Eq. (11) velocity on the current unit's tokens.
+
+  For ``prediction="clean"`` the output is D̂, the clean tokens at the stage resolution, and the
+  velocity follows from ``pfm.pyramid.paths.velocity_from_clean``; for ``"velocity"`` it is used
+  as is.
+  """
+  if config.prediction == "velocity":
+    return output
+  output = output.astype(jnp.float32)
+  return paths.velocity_from_clean(
+      inputs["video_tokens"], output, layout.patch_start_mean(output, config.patch_size),
+      path["t_local"], path["s"], path["e"], config.min_noise)
 
 
 def weighted_mse(prediction, target, weight):

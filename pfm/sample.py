@@ -32,20 +32,9 @@ from pfm import config as config_lib
 from pfm.data import layout
 from pfm.data import text as text_lib
 from pfm.data import video as video_lib
-from pfm.pyramid import samplers
+from pfm.pyramid import paths, resample, samplers
 
 FLAGS = flags.FLAGS
-
-
-def to_uint8(frames) -> np.ndarray:
-  """Pixels in [-1, 1] (float) -> uint8 in [0, 255]."""
-  return np.asarray(np.clip((np.asarray(frames, np.float32) + 1.0) * 127.5 + 0.5, 0, 255),
-                    np.uint8)
-
-
-def to_float(frames) -> np.ndarray:
-  """uint8 [0, 255] -> float32 pixels in [-1, 1]."""
-  return np.asarray(frames, np.float32) / 127.5 - 1.0
 
 
 class Sampler:
@@ -62,6 +51,7 @@ class Sampler:
     self._graphdef = graphdef
     self._params = params
     self._windows = config_lib.stage_windows(config)
+    self._min_noise = 1e-3  # Euler's last step of the last stage lands on the clean prediction
     self._sample_unit = jax.jit(self._sample_unit_impl, static_argnames=("steps",))
 
   @classmethod
@@ -110,9 +100,14 @@ class Sampler:
           video_tokens=both(tokens), video_t=both(video_t), video_segment_ids=both(segment),
           frame_index=both(frames), positions=both(positions), text_tokens=text_tokens,
           text_segment_ids=text_segment_ids, text_t=jnp.full(text_tokens.shape, t))
-      v_cond, v_null = pred[0, :n], pred[1, :n]
-      v = v_null + guidance_scale * (v_cond - v_null)
-      return layout.unpatchify(v, p, hk, wk)
+      out_cond, out_null = pred[0, :n], pred[1, :n]
+      # Guidance is linear in the output, and the output is affine in the velocity.
+      out = layout.unpatchify(out_null + guidance_scale * (out_cond - out_null), p, hk, wk)
+      if cfg.model.prediction == "velocity":
+        return out
+      s, e = self._windows[k]
+      return paths.velocity_from_clean(
+          x, out, resample.start_mean(out, 0), (t - s) / (e - s), s, e, self._min_noise)
 
     return samplers.sample_pyramid(velocity_fn, key, (height, width, 3), self._windows, steps,
                                    cfg.pyramid.gamma)
@@ -178,7 +173,7 @@ class Sampler:
 
     frames = []
     if image is not None:
-      frames.append(to_float(video_lib.fit_frame(image, cfg.data.height, cfg.data.width)))
+      frames.append(video_lib.to_float(video_lib.fit_frame(image, cfg.data.height, cfg.data.width)))
     key = jax.random.key(seed)
     for i in tqdm(range(len(frames), num_frames), desc="frame units", disable=not progress):
       history = np.stack(frames) if frames else np.zeros((0, cfg.data.height, cfg.data.width, 3),
@@ -190,23 +185,32 @@ class Sampler:
           jnp.float32(guidance_scale if first else video_guidance_scale),
           steps=first_frame_steps if first else later_frame_steps)
       frames.append(np.asarray(jnp.clip(x, -1.0, 1.0)))
-    return to_uint8(np.stack(frames))
+    return video_lib.to_uint8(np.stack(frames))
 
 
-def write_training_samples(sampler: Sampler, config, workdir: str, step: int, writer):
-  """Samples the first ``config.sample.num_videos`` captions of the manifest; mp4 + TensorBoard."""
+def write_training_samples(sampler: Sampler, config, workdir: str, step: int, writer) -> dict:
+  """Samples the first ``config.sample.num_videos`` captions of the manifest and scores them.
+
+  Writes ``workdir/samples/step_N/sample_i.mp4``, frame strips and the prompt-to-video accuracy
+  (``pfm.evaluate``) to TensorBoard, and ``prompt_to_video.json`` beside the videos.
+  """
+  from pfm import evaluate
   from pfm.data import pipeline
 
   records, _ = pipeline.load_records(config)
+  result, videos = evaluate.prompt_to_video(sampler, records[:config.sample.num_videos])
   out_dir = os.path.join(workdir, "samples", f"step_{step:07d}")
-  strips = {}
-  for n, record in enumerate(records[:config.sample.num_videos]):
-    frames = sampler.generate(record["text"], seed=n, progress=False)
-    video_lib.write_mp4(os.path.join(out_dir, f"sample_{n}.mp4"), frames)
-    strips[f"samples/{n}"] = np.concatenate(list(frames), axis=1)[None]
   if jax.process_index() == 0:
-    writer.write_images(step, strips)
-  logging.info("Wrote %d sample videos to %s", len(strips), out_dir)
+    for n, frames in enumerate(videos):
+      video_lib.write_mp4(os.path.join(out_dir, f"sample_{n}.mp4"), frames)
+    with open(os.path.join(out_dir, "prompt_to_video.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    writer.write_images(step, {f"samples/{n}": np.concatenate(list(v), axis=1)[None]
+                               for n, v in enumerate(videos)})
+    writer.write_scalars(step, {"eval/prompt_to_video_accuracy": result["accuracy"]})
+  logging.info("Step %d: %d of %d prompts land on their own video; samples in %s", step,
+               result["hits"], result["num_prompts"], out_dir)
+  return result
 
 
 def main(argv):

@@ -93,7 +93,8 @@ def objective_config(config) -> objective.ObjectiveConfig:
       windows=tuple((float(s), float(e)) for s, e in windows),
       time_distribution=config.pyramid.time_distribution,
       history_noise_max=float(config.pyramid.history_noise_max),
-      caption_dropout=float(config.model.caption_dropout))
+      caption_dropout=float(config.model.caption_dropout),
+      prediction=config.model.prediction, patch_size=int(config.model.patch_size))
 
 
 def train_step(state, batch, *, graphdef, tx, obj: objective.ObjectiveConfig, ema_decay: float,
@@ -105,12 +106,12 @@ def train_step(state, batch, *, graphdef, tx, obj: objective.ObjectiveConfig, em
     ``finite`` (1.0 when loss and gradients are finite).
   """
   key = jax.random.fold_in(state["rng"], state["step"])
-  inputs, target, weight = objective.corrupt_packed_batch(key, batch, obj)
+  inputs, target, weight, path = objective.corrupt_packed_batch(key, batch, obj)
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params)
-    prediction = model(**inputs)
-    loss, err = objective.weighted_mse(prediction, target, weight)
+    velocity = objective.to_velocity(model(**inputs), inputs, path, obj)
+    loss, err = objective.weighted_mse(velocity, target, weight)
     return loss, err
 
   (loss, err), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -221,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     if checkpoint_now:
       checkpointer.save(step, state, data_iter)
       last_good = step
-    if step % config.train.sample_every_steps == 0 or is_last:
+    if config.sample.num_videos and (step % config.train.sample_every_steps == 0 or is_last):
       with report.timed("sample"):
         sampler = sample_lib.Sampler(config, graphdef, state["ema_params"])
         sample_lib.write_training_samples(sampler, config, workdir, step, writer)
@@ -231,8 +232,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   return state
 
 
+class _QuietLibraries:
+  """An absl log filter that keeps INFO lines of pfm and drops those of chatty libraries."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > logging.converter.STANDARD_INFO or "orbax" not in record.pathname
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   jax.config.update("jax_threefry_partitionable", True)
   config = FLAGS.config
   train_and_evaluate(config, FLAGS.workdir)

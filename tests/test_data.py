@@ -385,3 +385,13 @@ def test_check_config_errors():
   config.pyramid.stage_weights = (1, 1)
   with pytest.raises(ValueError, match="stage_weights"):
     pipeline.check_config(config)
+
+
+def test_patch_start_mean_matches_image_space_start_mean():
+  import numpy as np
+  from pfm.data import layout
+  from pfm.pyramid import resample
+  x = np.random.default_rng(0).normal(size=(16, 16, 3)).astype(np.float32)
+  tokens = layout.patchify(x, 4)
+  np.testing.assert_allclose(layout.patch_start_mean(tokens, 4),
+                             layout.patchify(resample.start_mean(x, 0), 4), rtol=1e-6)

@@ -34,7 +34,7 @@ def packed_batch(rng):
 def test_current_unit_follows_the_coupled_path():
   batch = packed_batch(np.random.default_rng(0))
   cfg = objective.ObjectiveConfig(windows=WINDOWS, caption_dropout=0.0)
-  inputs, target, weight = objective.corrupt_packed_batch(jax.random.key(0), batch, cfg)
+  inputs, target, weight, _ = objective.corrupt_packed_batch(jax.random.key(0), batch, cfg)
   x_t, t = np.asarray(inputs["video_tokens"]), np.asarray(inputs["video_t"])
   w = np.asarray(WINDOWS)
   for b, l in zip(*np.nonzero(batch["is_target"])):

@@ -175,3 +175,19 @@ def test_sampler_is_bound_to_the_eq11_velocity_scale():
 
   out = samplers.sample_pyramid(velocity_fn, jax.random.key(0), x1.shape, w, [4, 4, 4])
   assert float(jnp.abs(out - x1).max()) > 1e-1
+
+
+def test_velocity_from_clean_is_exact_for_the_true_clean_endpoint():
+  key = jax.random.key(5)
+  x1 = jax.random.uniform(key, (8, 8, 3), minval=-1, maxval=1)
+  d, u = resample.level(x1, 0), resample.start_mean(x1, 0)
+  n = jax.random.normal(jax.random.key(6), d.shape)
+  s, e, t_local = 0.5, 1.0, 0.7
+  x_s, x_e = paths.stage_endpoints(d, u, n, s, e)
+  x_t = paths.interpolate(x_s, x_e, t_local)
+  np.testing.assert_allclose(
+      paths.velocity_from_clean(x_t, d, u, t_local, s, e), paths.velocity_target(x_s, x_e),
+      atol=1e-5)
+  # A wrong clean prediction gives a wrong velocity.
+  assert not np.allclose(paths.velocity_from_clean(x_t, d + 0.1, u, t_local, s, e),
+                         paths.velocity_target(x_s, x_e), atol=1e-2)

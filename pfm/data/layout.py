@@ -71,6 +71,26 @@ def unpatchify(tokens, p: int, h: int, w: int):
   return x.reshape(*lead, h, w, c)
 
 
+def patch_start_mean(tokens, p: int):
+  """Up(Down(., 2)) applied inside each token: the start mean Û implied by clean tokens D̂.
+
+  Because the patch side ``p`` is even, the 2x2 blocks of Down/Up never straddle two tokens, so
+  the stage start mean of Eq. (8) can be computed token by token.
+
+  Args:
+    tokens: ``[..., n, p * p * C]`` (NumPy or JAX), in ``patchify`` order.
+    p: patch size, even.
+
+  Returns:
+    same shape and dtype.
+  """
+  if p % 2:
+    raise ValueError(f"patch_start_mean needs an even patch size, got {p}")
+  *lead, n, size = tokens.shape
+  patches = tokens.reshape(*lead, n, p, p, size // (p * p))
+  return resample.start_mean(patches, 0).reshape(tokens.shape)
+
+
 def check_sizes(height: int, width: int, patch_size: int, num_stages: int) -> None:
   """Checks that every pyramid level of a ``height x width`` frame tiles into patches.
 

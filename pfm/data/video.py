@@ -308,3 +308,9 @@ def clear_cache() -> None:
 def to_float(frames: np.ndarray) -> np.ndarray:
   """uint8 pixels in [0, 255] -> float32 in [-1, 1] (same shape)."""
   return frames.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
+
+
+def to_uint8(frames) -> np.ndarray:
+  """float pixels in [-1, 1] -> uint8 in [0, 255] (clipped, rounded; inverse of ``to_float``)."""
+  frames = np.asarray(frames, np.float32)
+  return np.clip((frames + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)

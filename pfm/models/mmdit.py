@@ -99,6 +99,7 @@ class MMDiTConfig:
 # Size presets. "2B" is the paper's model: SD3-Medium's MM-DiT, 24 layers, width 1536, 24 heads.
 VARIANTS: dict[str, dict[str, Any]] = {
   "smoke": dict(width=64, depth=2, num_heads=2, text_width=32, text_depth=1, text_heads=2),
+  "XS": dict(width=128, depth=4, num_heads=2, text_width=128, text_depth=1, text_heads=2),
   "S": dict(width=256, depth=6, num_heads=4, text_width=256, text_depth=2, text_heads=4),
   "B": dict(width=512, depth=12, num_heads=8, text_width=256, text_depth=4, text_heads=4),
   "L": dict(width=1024, depth=16, num_heads=16, text_width=512, text_depth=6, text_heads=8),

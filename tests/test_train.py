@@ -1,0 +1,139 @@
+"""End to end on the smoke config: train, kill and resume, non-finite stop, sample, validation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from pfm import checkpointing, train
+from pfm import sample as sample_lib
+from pfm.data import video as video_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**train_overrides):
+  config = default.get_config("smoke")
+  config.sample.num_videos = 0  # sampling is tested separately
+  for name, value in train_overrides.items():
+    config.train[name] = value
+  return config
+
+
+def final_params(config, workdir, step=None):
+  _, abstract = train.abstract_state(config)
+  state, _ = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).restore(
+      abstract, step=step)
+  return state
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """12 smoke steps in one go (checkpoints every 2 steps)."""
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  config = smoke_config(checkpoint_every_steps=2)
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_killed_run_resumes_to_identical_parameters(uninterrupted, tmp_path):
+  config, reference_dir = uninterrupted
+  workdir = str(tmp_path / "killed")
+  cmd = [sys.executable, "-m", "pfm.train", "--config=configs/default.py:smoke",
+         f"--workdir={workdir}", "--config.sample.num_videos=0",
+         "--config.train.checkpoint_every_steps=2"]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = os.path.join(workdir, "checkpoints", "6", "state", "commit_success.txt")
+  deadline = time.time() + 240
+  while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.exists(ckpt), "the run never reached its step-6 checkpoint"
+  resumed_from = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step
+  assert resumed_from is not None and resumed_from < 12
+  train.train_and_evaluate(config, workdir)  # restart with the same workdir
+  a, b = final_params(config, reference_dir), final_params(config, workdir)
+  assert int(a["step"]) == int(b["step"]) == 12
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_train_step_compiles_once_for_all_stages(tmp_path):
+  config = smoke_config()
+  from pfm.data import pipeline
+  graphdef, state = train.init_state(config)
+  step_fn = train.make_train_step(config, graphdef)
+  data = iter(pipeline.create_dataset(config, seed=0))
+  stages = set()
+  for _ in range(6):
+    batch = next(data)
+    stages |= set(np.unique(batch["stage"][batch["segment_ids"] > 0]).tolist())
+    state, _ = step_fn(state, batch)
+  assert stages == {0, 1, 2}
+  assert step_fn._cache_size() == 1
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(uninterrupted, tmp_path):
+  config, reference_dir = uninterrupted
+  workdir = str(tmp_path / "nan")
+  good = smoke_config(num_steps=6, checkpoint_every_steps=6)
+  train.train_and_evaluate(good, workdir)
+  bad = smoke_config(checkpoint_every_steps=2)
+  bad.optimizer.learning_rate = 1e30
+  with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step 6"):
+    train.train_and_evaluate(bad, workdir)
+  ckpts = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert ckpts.latest_step == 6
+  state = final_params(config, workdir)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
+
+
+def test_sampler_text_and_image_to_video(uninterrupted, tmp_path):
+  _, workdir = uninterrupted
+  sampler = sample_lib.Sampler.from_workdir(workdir)
+  frames = sampler.generate("a young man in a tuxedo", num_frames=3, progress=False)
+  assert frames.shape == (3, 32, 32, 3) and frames.dtype == np.uint8
+  again = sampler.generate("a young man in a tuxedo", num_frames=3, progress=False)
+  np.testing.assert_array_equal(frames, again)  # same seed, same video
+  first = np.zeros((48, 64, 3), np.uint8)
+  first[:, :, 0] = 200
+  video = sampler.generate("a red frame", num_frames=2, image=first, progress=False)
+  assert video.shape == (2, 32, 32, 3)
+  np.testing.assert_array_equal(video[0], video_lib.fit_frame(first, 32, 32))
+  # Longer than the training clips (4 units): the history keeps growing at the lowest level.
+  assert sampler.generate("x", num_frames=6, progress=False).shape[0] == 6
+
+
+def test_sample_command_writes_an_mp4(uninterrupted, tmp_path):
+  _, workdir = uninterrupted
+  out = str(tmp_path / "out.mp4")
+  subprocess.run(
+      [sys.executable, "-m", "pfm.sample", f"--workdir={workdir}", "--prompt=a rabbit",
+       "--num_frames=3", "--first_frame_steps=1,1,1", "--later_frame_steps=1,1,1",
+       f"--output={out}"], cwd=REPO, check=True, capture_output=True)
+  assert video_lib.read_frames(out).shape == (3, 32, 32, 3)
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("data", "height", 40, "config.data.height=40 is not divisible"),
+    ("pyramid", "boundaries", (0.7, 0.4), "config.pyramid.boundaries"),
+    ("pyramid", "stage_weights", (1.0, 1.0), "config.pyramid.stage_weights"),
+    ("data", "max_tokens", 64, "config.data.max_tokens=64 is too small"),
+    ("model", "variant", "XXL", "config.model.variant"),
+    ("sample", "first_frame_steps", (2, 2), "config.sample.first_frame_steps"),
+])
+def test_invalid_config_fails_before_compilation(tmp_path, section, field, value, message):
+  config = smoke_config()
+  config[section][field] = value
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
