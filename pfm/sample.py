@@ -16,7 +16,6 @@ The same options are available in Python, for notebooks::
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
@@ -80,7 +79,6 @@ class Sampler:
     """Generates unit ``frame_i`` given per-stage padded history arrays; jitted per ``steps``."""
     cfg = self.config
     p = cfg.model.patch_size
-    num_stages = cfg.pyramid.num_stages
     height, width = cfg.data.height, cfg.data.width
     model = nnx.merge(self._graphdef, params)
 

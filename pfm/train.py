@@ -34,20 +34,22 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss or gradient norm became NaN or infinite."""
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW of the paper's Table 4: linear warm-up, then a constant rate; global-norm clipping."""
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up to ``optimizer.learning_rate``, then constant (paper Table 4)."""
   o = config.optimizer
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)),
-       optax.constant_schedule(o.learning_rate)], [max(o.warmup_steps, 1)])
+  warmup = max(o.warmup_steps, 1)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, o.learning_rate, warmup),
+       optax.constant_schedule(o.learning_rate)], [warmup])
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW of the paper's Table 4 with global-norm gradient clipping."""
+  o = config.optimizer
   return optax.chain(
       optax.clip_by_global_norm(o.grad_clip_norm),
-      optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
-
-
-def learning_rate(config, step):
-  o = config.optimizer
-  return o.learning_rate * min(1.0, step / max(o.warmup_steps, 1))
+      optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                  weight_decay=o.weight_decay))
 
 
 def build_model(config: ml_collections.ConfigDict, seed: int = 0) -> models.MMDiT:
@@ -187,6 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   last_good = checkpointer.latest_step
 
   step_fn = make_train_step(config, graphdef)
+  schedule = learning_rate_schedule(config)
   num_steps = config.train.num_steps
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.train.log_every_steps)
@@ -214,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
             f"loss or gradient became NaN/inf at step {bad} (loss={scalars['loss']}); the last "
             f"good checkpoint is step {last_good} in {workdir}/checkpoints")
       scalars.pop("finite")
-      scalars["learning_rate"] = learning_rate(config, step)
+      scalars["learning_rate"] = float(schedule(step - 1))  # the rate the last update used
       scalars["padding_fraction"] = float(np.mean(pad_fractions))
       scalars |= {f"data/skipped_{k}": v for k, v in pipeline.skip_counts().items()}
       writer.write_scalars(step, scalars)

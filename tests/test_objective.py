@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,7 +15,7 @@ WINDOWS = tuple(map(tuple, windows_lib.stage_windows(3)))
 def packed_batch(rng):
   """Two rows; row 0 holds segment 1 (stage 2, 3 history + 2 target tokens) and segment 2
   (stage 0, 4 target tokens); row 1 holds one segment (stage 1) and padding."""
-  length, dim, text_len = 12, 6, 8
+  length, dim = 12, 6
   seg = np.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0, 0], [1] * 6 + [0] * 6])
   stage = np.array([[2] * 5 + [0] * 4 + [0] * 3, [1] * 6 + [0] * 6])
   is_target = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1] + [0] * 6])
