@@ -47,17 +47,19 @@ def uninterrupted(tmp_path_factory):
 def test_killed_run_resumes_to_identical_parameters(uninterrupted, tmp_path):
   config, reference_dir = uninterrupted
   workdir = str(tmp_path / "killed")
+  # The killed run is told to go on for much longer (the constant learning rate after warm-up
+  # does not depend on num_steps), so the kill always lands mid-run.
   cmd = [sys.executable, "-m", "pfm.train", "--config=configs/default.py:smoke",
          f"--workdir={workdir}", "--config.sample.num_videos=0",
-         "--config.train.checkpoint_every_steps=2"]
+         "--config.train.checkpoint_every_steps=2", "--config.train.num_steps=100000"]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt = os.path.join(workdir, "checkpoints", "6", "state", "commit_success.txt")
+  ckpt = os.path.join(workdir, "checkpoints", "4", "state", "commit_success.txt")
   deadline = time.time() + 240
   while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert os.path.exists(ckpt), "the run never reached its step-6 checkpoint"
+  assert os.path.exists(ckpt), "the run never reached its step-4 checkpoint"
   resumed_from = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step
   assert resumed_from is not None and resumed_from < 12
   train.train_and_evaluate(config, workdir)  # restart with the same workdir
