@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from pfm import models
+from pfm.data import pipeline
 from pfm.pyramid import windows as windows_lib
 
 
@@ -22,9 +24,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       increasing windows, a worst-case sample that does not fit a packed row, or per-stage step
       lists of the wrong length.
   """
-  from pfm.data import pipeline  # data layer; imported here so the maths stays import-light
-  from pfm import models
-
   p = config.pyramid
   if p.num_stages < 1:
     raise ValueError(f"config.pyramid.num_stages must be >= 1, got {p.num_stages}")
@@ -65,3 +64,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("num_steps", "log_every_steps", "checkpoint_every_steps", "sample_every_steps"):
     if config.train[field] < 1:
       raise ValueError(f"config.train.{field} must be >= 1, got {config.train[field]}")
+
+
+def flatten(config: ml_collections.ConfigDict) -> dict[str, object]:
+  """``{"data.height": 64, ...}`` with sequences as strings: hyper-parameters for TensorBoard."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat |= {f"{key}.{k}": v for k, v in flatten(value).items()}
+    else:
+      flat[key] = str(tuple(value)) if isinstance(value, (list, tuple)) else value
+  return flat

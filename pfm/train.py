@@ -194,8 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.train.log_every_steps)
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)}
-                         | {"num_params": num_params})
+    writer.write_hparams(config_lib.flatten(config) | {"num_params": num_params})
   pending, pad_fractions = [], []
   t_start = time.time()
   for step in range(start_step + 1, num_steps + 1):
