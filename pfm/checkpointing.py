@@ -36,18 +36,32 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, abstract_state, data_iterator=None, step: int | None = None):
+  def restore(self, abstract_state, data_iterator=None, step: int | None = None, *,
+              partial: bool = False):
     """Restores the state into the structure/shardings of ``abstract_state``.
 
-    Returns ``(state, step)``; the data iterator (if given) is restored in place.
+    Args:
+      abstract_state: the target pytree (``jax.ShapeDtypeStruct`` leaves are enough).
+      data_iterator: a grain iterator to restore in place, or None.
+      step: the checkpoint step; default the latest.
+      partial: restore only the top-level entries present in ``abstract_state`` (e.g. just
+        ``{"ema_params": ...}`` for sampling), reading nothing else from disk.
+
+    Returns:
+      ``(state, step)``.
 
     Raises:
       FileNotFoundError: if there is no checkpoint.
     """
     step = self.latest_step if step is None else step
     if step is None:
-      raise FileNotFoundError("no checkpoint to restore")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+      raise FileNotFoundError(f"no checkpoint to restore in {self._manager.directory}")
+    if partial:
+      restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+      items = {"state": ocp.args.PyTreeRestore(
+          item=abstract_state, restore_args=restore_args, partial_restore=True)}
+    else:
+      items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))

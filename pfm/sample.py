@@ -69,7 +69,7 @@ class Sampler:
       config = ml_collections.ConfigDict(json.load(f))
     graphdef, abstract = train.abstract_state(config)
     state, _ = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).restore(
-        abstract, step=step)
+        {"ema_params": abstract["ema_params"]}, step=step, partial=True)
     return cls(config, graphdef, state["ema_params"])
 
   # -- one frame unit through all stages ---------------------------------------------------------

@@ -102,6 +102,9 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(uninterrupted, 
 def test_sampler_text_and_image_to_video(uninterrupted, tmp_path):
   _, workdir = uninterrupted
   sampler = sample_lib.Sampler.from_workdir(workdir)
+  ema = final_params(sampler.config, workdir)["ema_params"]
+  for x, y in zip(jax.tree.leaves(ema), jax.tree.leaves(sampler._params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # only the EMA is read
   frames = sampler.generate("a young man in a tuxedo", num_frames=3, progress=False)
   assert frames.shape == (3, 32, 32, 3) and frames.dtype == np.uint8
   again = sampler.generate("a young man in a tuxedo", num_frames=3, progress=False)
@@ -139,3 +142,10 @@ def test_invalid_config_fails_before_compilation(tmp_path, section, field, value
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
     train.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_default_config_is_valid():
+  from pfm import config as config_lib
+  config_lib.validate(default.get_config())
+  with pytest.raises(ValueError, match="unknown config variants"):
+    default.get_config("smoke,tiny")
