@@ -54,6 +54,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.attention = "xla"
   c.model.dtype = "float32"
   c.model.prediction = "clean"   # network output: clean pixels (x-prediction) or "velocity"
+  # Caption stream modulated by the current noise level (SD3). False conditions captions on
+  # their own (clean) level, which lets sampling compute caption + history keys/values once per
+  # stage instead of once per step.
+  c.model.text_time_conditioning = True
   c.model.caption_dropout = 0.1  # probability of the empty caption, for classifier-free guidance
 
   # Optimizer: AdamW as in the paper's Table 4, constant after warm-up, EMA for sampling.

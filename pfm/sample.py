@@ -52,6 +52,9 @@ class Sampler:
     self._windows = config_lib.stage_windows(config)
     self._min_noise = 1e-3  # Euler's last step of the last stage lands on the clean prediction
     self._sample_unit = jax.jit(self._sample_unit_impl, static_argnames=("steps",))
+    # Caption and history keys/values are reusable across Euler steps only when the caption is
+    # not conditioned on the sampling time.
+    self.caches_context = not config.model.get("text_time_conditioning", True)
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> "Sampler":
@@ -76,28 +79,47 @@ class Sampler:
 
   def _sample_unit_impl(self, params, key, history, frame_i, text_tokens, text_segment_ids,
                         guidance_scale, *, steps):
-    """Generates unit ``frame_i`` given per-stage padded history arrays; jitted per ``steps``."""
+    """Generates unit ``frame_i`` given per-stage padded history arrays; jitted per ``steps``.
+
+    With a clean-conditioned caption (``model.text_time_conditioning = False``) the keys and
+    values of the caption and the history are computed once per stage (``MMDiT.encode_context``)
+    and every Euler step runs the current unit's tokens only (``MMDiT.decode``); otherwise each
+    step runs the whole [caption; history; current unit] sequence.
+    """
     cfg = self.config
     p = cfg.model.patch_size
     height, width = cfg.data.height, cfg.data.width
     model = nnx.merge(self._graphdef, params)
+    both = lambda a: jnp.broadcast_to(a, (2, *a.shape))  # row 0 prompt, row 1 null caption
+    history = [{name: both(a) for name, a in h.items()} for h in history]
+    text = dict(text_tokens=text_tokens, text_segment_ids=text_segment_ids)
+    if self.caches_context:
+      contexts = [
+          model.encode_context(
+              video_tokens=h["tokens"], video_t=jnp.ones(h["segment_ids"].shape),
+              video_segment_ids=h["segment_ids"], frame_index=h["frame_index"],
+              positions=h["positions"], text_t=jnp.ones(text_tokens.shape), **text)
+          for h in history]
 
     def velocity_fn(x, t, k):
-      h = history[k]
       hk, wk = height // 2**k, width // 2**k
-      current = layout.patchify(x, p)
-      n = current.shape[0]
       grid = layout.grid_positions((hk // p, wk // p), (hk // p, wk // p))
-      tokens = jnp.concatenate([current, h["tokens"]])
-      segment = jnp.concatenate([jnp.ones((n,), jnp.int32), h["segment_ids"]])
-      frames = jnp.concatenate([jnp.full((n,), frame_i, jnp.int32), h["frame_index"]])
-      positions = jnp.concatenate([jnp.asarray(grid), h["positions"]])
-      video_t = jnp.concatenate([jnp.full((n,), t), jnp.ones_like(h["segment_ids"], jnp.float32)])
-      both = lambda a: jnp.broadcast_to(a, (2, *a.shape))  # row 0 prompt, row 1 null caption
-      pred = model(
-          video_tokens=both(tokens), video_t=both(video_t), video_segment_ids=both(segment),
-          frame_index=both(frames), positions=both(positions), text_tokens=text_tokens,
-          text_segment_ids=text_segment_ids, text_t=jnp.full(text_tokens.shape, t))
+      current = dict(
+          video_tokens=both(layout.patchify(x, p)), video_t=jnp.full((2, len(grid)), t),
+          video_segment_ids=jnp.ones((2, len(grid)), jnp.int32),
+          frame_index=jnp.full((2, len(grid)), frame_i, jnp.int32),
+          positions=both(jnp.asarray(grid)))
+      if self.caches_context:
+        pred = model.decode(**current, context=contexts[k])
+      else:
+        h = history[k]
+        joined = {name: jnp.concatenate([current[name], h[field]], axis=1) for name, field in (
+            ("video_tokens", "tokens"), ("video_segment_ids", "segment_ids"),
+            ("frame_index", "frame_index"), ("positions", "positions"))}
+        joined["video_t"] = jnp.concatenate(
+            [current["video_t"], jnp.ones(h["segment_ids"].shape)], axis=1)
+        pred = model(**joined, text_t=jnp.full(text_tokens.shape, t), **text)
+      n = len(grid)
       out_cond, out_null = pred[0, :n], pred[1, :n]
       # Guidance is linear in the output, and the output is affine in the velocity.
       out = layout.unpatchify(out_null + guidance_scale * (out_cond - out_null), p, hk, wk)

@@ -57,7 +57,8 @@ def build_model(config: ml_collections.ConfigDict, seed: int = 0) -> models.MMDi
   m = config.model
   return models.build_model(
       models.model_config(m.variant, patch_size=m.patch_size, attention_backend=m.attention,
-                          dtype=m.dtype),
+                          dtype=m.dtype,
+                          text_time_conditioning=m.get("text_time_conditioning", True)),
       rngs=nnx.Rngs(seed))
 
 

@@ -325,3 +325,24 @@ def test_2b_parameter_count():
         f"eval_shape {time.perf_counter() - start:.1f}s")
   assert 1.5e9 < n < 2.6e9
   assert models.count_params(nnx.split(abstract)[1]) == n
+
+
+@pytest.mark.parametrize("text_time_conditioning", [True, False])
+def test_cached_context_decode_equals_full_forward(batch, text_time_conditioning):
+  """encode_context on captions + history, then decode of the last unit == the full forward."""
+  import dataclasses
+  config = dataclasses.replace(SMOKE, text_time_conditioning=text_time_conditioning)
+  model = build(config)
+  full = np.asarray(forward(model, batch))
+  new = np.arange(8, 12)  # frame 2 of segment 1 in both rows
+  old = np.setdiff1d(np.arange(L), new)
+  context_fields = ("video_tokens", "video_t", "video_segment_ids", "frame_index", "positions")
+  context = nnx.jit(lambda m, b: m.encode_context(**b))(
+    model, {k: (v[:, old] if k in context_fields else v) for k, v in batch.items()})
+  decoded = nnx.jit(lambda m, b, c: m.decode(**b, context=c))(
+    model, {k: batch[k][:, new] for k in context_fields}, context)
+  np.testing.assert_allclose(decoded, full[:, new], atol=1e-5)
+  # A clean-conditioned caption makes the context independent of the sampling time.
+  shifted = dict(batch, text_t=batch["text_t"] * 0.5)
+  changed = _diff(forward(model, shifted), full)[:, new].max()
+  assert (changed == 0.0) == (not text_time_conditioning)

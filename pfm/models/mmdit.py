@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from pfm.models import attention
 from pfm.models.embeddings import (
@@ -63,6 +63,10 @@ class MMDiTConfig:
     dtype: compute dtype name, e.g. "float32" or "bfloat16".
     param_dtype: parameter dtype name.
     attention_backend: key of `pfm.models.attention.ATTENTION_BACKENDS`.
+    text_time_conditioning: modulate the text stream with the segment's current noise level
+      (SD3). With False a caption is conditioned on its own level, clean (t = 1), so caption and
+      history tokens do not depend on the sampling time and their keys/values can be computed
+      once per stage (`MMDiT.encode_context` / `MMDiT.decode`).
   """
 
   patch_size: int = 2
@@ -85,6 +89,7 @@ class MMDiTConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_backend: str = "xla"
+  text_time_conditioning: bool = True
 
   @property
   def patch_dim(self) -> int:
@@ -116,6 +121,24 @@ def model_config(variant: str = "smoke", **overrides: Any) -> MMDiTConfig:
   if variant not in VARIANTS:
     raise ValueError(f"Unknown variant {variant!r}; known: {list(VARIANTS)}.")
   return MMDiTConfig(**{**VARIANTS[variant], **overrides})
+
+
+@struct.dataclass
+class ContextCache:
+  """Per-block keys/values of context tokens (captions + clean history) and their metadata.
+
+  Attributes:
+    kv: per block, (keys [B, Lc, H, Dh] with RoPE applied, values [B, Lc, H, Dh]).
+    segment_ids, frames: int32 [B, Lc] mask metadata of the context ([text; history]).
+    pooled_text: [B, Lt, D] pooled caption embedding at each text token.
+    text_segment_ids: int32 [B, Lt].
+  """
+
+  kv: tuple[tuple[jax.Array, jax.Array], ...]
+  segment_ids: jax.Array
+  frames: jax.Array
+  pooled_text: jax.Array
+  text_segment_ids: jax.Array
 
 
 class StreamBlock(nnx.Module):
@@ -185,7 +208,8 @@ class JointBlock(nnx.Module):
       mask: metadata of [text; video] (queries and keys).
 
     Returns:
-      (x_text, x_video) updated; x_text is returned unchanged by a pre-only text stream.
+      (x_text, x_video, (k, v)): the updated streams (x_text unchanged by a pre-only text stream)
+      and the RoPE'd keys and values of [text; video], which `decode` can reuse.
     """
     lt = x_text.shape[1]
     mod_t = self.text.modulate(c_text)
@@ -199,7 +223,31 @@ class JointBlock(nnx.Module):
     x_video = self.video.post_attention(x_video, a[:, lt:], mod_v)
     if not self.text.pre_only:
       x_text = self.text.post_attention(x_text, a[:, :lt], mod_t)
-    return x_text, x_video
+    return x_text, x_video, (k, v)
+
+  def decode(
+    self,
+    x_video: jax.Array,
+    c_video: jax.Array,
+    angles: jax.Array,
+    mask: attention.MaskInfo,
+    context_kv: tuple[jax.Array, jax.Array],
+  ) -> jax.Array:
+    """The video stream of new tokens attending to cached context keys/values and themselves.
+
+    Args:
+      x_video, c_video: [B, L, D] new video tokens and their conditioning.
+      angles: [B, L, Dh / 2] RoPE angles of the new tokens.
+      mask: queries = new tokens; keys = [context; new tokens].
+      context_kv: ([B, Lc, H, Dh], [B, Lc, H, Dh]) keys (RoPE applied) and values of the context.
+    """
+    mod_v = self.video.modulate(c_video)
+    qv, kv, vv = self.video.pre_attention(x_video, mod_v)
+    k = jnp.concatenate([context_kv[0], apply_rope(kv, angles)], axis=1)
+    v = jnp.concatenate([context_kv[1], vv], axis=1)
+    a = attention.dot_product_attention(
+      apply_rope(qv, angles), k, v, mask, backend=self.attention_backend)
+    return self.video.post_attention(x_video, a, mod_v)
 
 
 class FinalLayer(nnx.Module):
@@ -319,25 +367,97 @@ class MMDiT(nnx.Module):
     Raises:
       ValueError: if text_segment_ids or text_t is missing, or on a text input mismatch.
     """
+    context, x_video, c_video = self._forward(
+      video_tokens, video_t, video_segment_ids, frame_index, positions, text_tokens,
+      text_segment_ids, text_t, text_embeddings)
+    del context
+    return self._output(x_video, c_video, video_segment_ids)
+
+  def encode_context(
+    self,
+    video_tokens: jax.Array,
+    video_t: jax.Array,
+    video_segment_ids: jax.Array,
+    frame_index: jax.Array,
+    positions: jax.Array,
+    text_tokens: jax.Array | None = None,
+    text_segment_ids: jax.Array | None = None,
+    text_t: jax.Array | None = None,
+    *,
+    text_embeddings: jax.Array | None = None,
+  ) -> ContextCache:
+    """Keys/values of tokens that later frame units only read: captions and clean history.
+
+    Blockwise causality makes this exact: neither captions (frame -1) nor earlier frame units
+    attend to a later unit, so their activations in every block are the same with or without the
+    unit being generated. With ``text_time_conditioning=False`` they also do not depend on the
+    sampling time, so one context serves every Euler step of a stage. Arguments as `__call__`,
+    for the context tokens only (``video_*`` = the history, possibly empty or padded).
+
+    Returns:
+      a `ContextCache` for `decode`.
+    """
+    context, _, _ = self._forward(
+      video_tokens, video_t, video_segment_ids, frame_index, positions, text_tokens,
+      text_segment_ids, text_t, text_embeddings)
+    return context
+
+  def decode(
+    self,
+    video_tokens: jax.Array,
+    video_t: jax.Array,
+    video_segment_ids: jax.Array,
+    frame_index: jax.Array,
+    positions: jax.Array,
+    context: ContextCache,
+  ) -> jax.Array:
+    """`__call__` for new video tokens that attend to a cached context and to themselves.
+
+    Equals the output of `__call__` on [context; new tokens] at the new tokens, when the new
+    tokens belong to frame units at or after every context frame. Shapes as `__call__`, for the
+    new tokens only.
+    """
+    config = self.config
+    x_video, c_video = self._embed_video(
+      video_tokens, video_t, video_segment_ids, positions, context.pooled_text,
+      context.text_segment_ids)
+    mask = attention.MaskInfo(
+      video_segment_ids, frame_index, jnp.concatenate([context.segment_ids, video_segment_ids], 1),
+      jnp.concatenate([context.frames, frame_index], 1))
+    angles = rope_angles(frame_index, config.head_dim, config.rope_theta)
+    for block, kv in zip(self.blocks, context.kv):
+      x_video = block.decode(x_video, c_video, angles, mask, kv)
+    return self._output(x_video, c_video, video_segment_ids)
+
+  # -- shared pieces ---------------------------------------------------------------------------
+
+  def _embed_video(self, video_tokens, video_t, video_segment_ids, positions, pooled_text,
+                   text_segment_ids):
+    """Patch embedding + 2-D sinusoidal position; conditioning time + the segment's caption."""
+    config = self.config
+    x_video = self.patch_embed(video_tokens.astype(self.dtype)) + spatial_position_embedding(
+      positions, config.width, config.position_max_period).astype(self.dtype)
+    c_video = self.time_embed(video_t) + segment_mean(
+      pooled_text, video_segment_ids, text_segment_ids)               # [B, L, D]
+    return (with_logical_constraint(x_video, _ACT), with_logical_constraint(c_video, _ACT))
+
+  def _forward(self, video_tokens, video_t, video_segment_ids, frame_index, positions,
+               text_tokens, text_segment_ids, text_t, text_embeddings):
+    """All blocks over [text; video] -> (ContextCache of every token, x_video, c_video)."""
     if text_segment_ids is None or text_t is None:
       raise ValueError("text_segment_ids and text_t are required.")
     config = self.config
     text = self.encode_text(text_tokens, text_segment_ids, text_embeddings)
+    if not config.text_time_conditioning:
+      text_t = jnp.ones_like(text_t)  # a caption is clean: its own noise level is t = 1
 
     # Per-token conditioning c = MLP(sin(t * 1000)) + MLP(pooled text of the token's segment).
     # The pooled MLP runs on text tokens; a video token then takes its segment's value.
     pooled = self.pooled_text_embed(
       segment_mean(text, text_segment_ids, text_segment_ids))        # [B, Lt, D]
-    c_text = self.time_embed(text_t) + pooled
-    c_video = self.time_embed(video_t) + segment_mean(
-      pooled, video_segment_ids, text_segment_ids)                    # [B, L, D]
-    c_text = with_logical_constraint(c_text, _ACT)
-    c_video = with_logical_constraint(c_video, _ACT)
-
-    # Streams: patch embedding + 2-D sinusoidal spatial position; projected caption features.
-    x_video = self.patch_embed(video_tokens.astype(self.dtype)) + spatial_position_embedding(
-      positions, config.width, config.position_max_period).astype(self.dtype)
-    x_video = with_logical_constraint(x_video, _ACT)
+    c_text = with_logical_constraint(self.time_embed(text_t) + pooled, _ACT)
+    x_video, c_video = self._embed_video(
+      video_tokens, video_t, video_segment_ids, positions, pooled, text_segment_ids)
     x_text = with_logical_constraint(self.context_embed(text), _ACT)
 
     # Joint sequence [text; video]: mask metadata (text at frame -1) and temporal RoPE angles
@@ -350,9 +470,15 @@ class MMDiT(nnx.Module):
       jnp.concatenate([jnp.zeros_like(text_segment_ids), frame_index], axis=1),
       config.head_dim, config.rope_theta)
 
+    kv = []
     for block in self.blocks:
-      x_text, x_video = block(x_text, c_text, x_video, c_video, angles, mask)
+      x_text, x_video, block_kv = block(x_text, c_text, x_video, c_video, angles, mask)
+      kv.append(block_kv)
+    context = ContextCache(kv=tuple(kv), segment_ids=segment_ids, frames=frames,
+                           pooled_text=pooled, text_segment_ids=text_segment_ids)
+    return context, x_video, c_video
 
+  def _output(self, x_video, c_video, video_segment_ids):
     out = self.final_layer(x_video, c_video).astype(jnp.float32)
     return jnp.where(video_segment_ids[..., None] != 0, out, 0.0)
 
