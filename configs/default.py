@@ -54,10 +54,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.attention = "xla"
   c.model.dtype = "float32"
   c.model.prediction = "clean"   # network output: clean pixels (x-prediction) or "velocity"
-  # Caption stream modulated by the current noise level (SD3). False conditions captions on
-  # their own (clean) level, which lets sampling compute caption + history keys/values once per
-  # stage instead of once per step.
-  c.model.text_time_conditioning = True
+  # False: captions are conditioned on their own (clean) level, so sampling computes caption +
+  # history keys/values once per stage instead of once per step. True: the caption stream is
+  # modulated by the current noise level, as in SD3.
+  c.model.text_time_conditioning = False
   c.model.caption_dropout = 0.1  # probability of the empty caption, for classifier-free guidance
 
   # Optimizer: AdamW as in the paper's Table 4, constant after warm-up, EMA for sampling.
