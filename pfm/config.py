@@ -3,16 +3,40 @@
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 from pfm import models
-from pfm.data import pipeline
-from pfm.pyramid import windows as windows_lib
+from pfm.pyramid import schedules, stages
+
+MODES = ("autoregressive", "full_sequence")
 
 
-def stage_windows(config: ml_collections.ConfigDict):
-  """The ``[K, 2]`` stage windows of ``config.pyramid`` (see ``pfm.pyramid.windows``)."""
+def mode(config: ml_collections.ConfigDict) -> str:
+  """``"autoregressive"`` (frame unit by frame unit with a history, Pyramidal Flow Sec. 3.3) or
+  ``"full_sequence"`` (the whole clip at once, bidirectional attention)."""
+  return config.get("mode", "autoregressive")
+
+
+def pyramid(config: ml_collections.ConfigDict) -> stages.Pyramid:
+  """The ``Pyramid`` of ``config.pyramid`` (``pfm.pyramid.stages.make_pyramid``).
+
+  Fields: ``num_stages``; ``spatial`` (halve the resolution per stage, default True);
+  ``frame_rate_schedule`` ("" none, "2", "4", "4-2", "2-4": TPDiff Table 2, coarsest jump first);
+  ``partition`` ("" uniform, "1-1-1", "2-1-1", "1-1-2"); ``gamma`` (None: -1/(m - 1) per jump);
+  ``diffusion`` ("flow_matching" or "ddim").
+  """
   p = config.pyramid
-  return windows_lib.stage_windows(p.num_stages, tuple(p.boundaries) or None, p.gamma)
+  gamma = p.get("gamma", None)
+  return stages.make_pyramid(
+      p.num_stages, spatial=p.get("spatial", True),
+      frame_rate_schedule=p.get("frame_rate_schedule", ""), partition=p.get("partition", ""),
+      gamma=None if gamma is None else float(gamma),
+      diffusion=p.get("diffusion", "flow_matching"))
+
+
+def stage_windows(config: ml_collections.ConfigDict) -> np.ndarray:
+  """The ``[K, 2]`` stage windows of ``config.pyramid`` (see ``pfm.pyramid.windows``)."""
+  return np.asarray(pyramid(config).windows)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -24,22 +48,40 @@ def validate(config: ml_collections.ConfigDict) -> None:
       increasing windows, a worst-case sample that does not fit a packed row, or per-stage step
       lists of the wrong length.
   """
+  from pfm.data import pipeline  # imports this module
+
   p = config.pyramid
   if p.num_stages < 1:
     raise ValueError(f"config.pyramid.num_stages must be >= 1, got {p.num_stages}")
-  factor = config.model.patch_size * 2 ** (p.num_stages - 1)
+  if mode(config) not in MODES:
+    raise ValueError(f"config.mode={mode(config)!r} is not one of {MODES}")
+  if p.get("diffusion", "flow_matching") not in schedules.DIFFUSIONS:
+    raise ValueError(f"config.pyramid.diffusion={p.diffusion!r} is not one of "
+                     f"{schedules.DIFFUSIONS}")
+  try:
+    pyr = pyramid(config)
+  except ValueError as e:
+    raise ValueError(f"config.pyramid (spatial / frame_rate_schedule / partition / gamma): {e}; "
+                     "the windows must cover [0, 1] with s_{K-1} = 0 and e_0 = 1") from None
+  if mode(config) == "autoregressive" and (max(pyr.temporal_factors) > 1
+                                           or not p.get("spatial", True)):
+    raise ValueError("config.pyramid.frame_rate_schedule / spatial: the autoregressive mode "
+                     "uses the spatial pyramid only (its temporal pyramid is the history); set "
+                     "config.mode='full_sequence' for a frame-rate pyramid")
+  coarsest = pyr.spatial_factors[-1]
+  factor = int(np.lcm(config.model.patch_size * coarsest, 2 * coarsest))
   for field in ("height", "width"):
     size = config.data[field]
     if size % factor:
       raise ValueError(
-          f"config.data.{field}={size} is not divisible by model.patch_size * "
-          f"2^(pyramid.num_stages - 1) = {config.model.patch_size} * "
-          f"{2 ** (p.num_stages - 1)} = {factor}")
-  try:
-    stage_windows(config)
-  except ValueError as e:
-    raise ValueError(f"config.pyramid.boundaries / gamma: {e}; the windows must cover [0, 1] "
-                     "with s_{K-1} = 0 and e_0 = 1") from None
+          f"config.data.{field}={size} is not divisible by {factor}: the coarsest stage "
+          f"(1/{coarsest} of the size) must tile into model.patch_size="
+          f"{config.model.patch_size} patches with 2x2 blocks")
+  prediction = config.model.prediction
+  native = "epsilon" if p.get("diffusion", "flow_matching") == "ddim" else "velocity"
+  if prediction not in ("clean", native):
+    raise ValueError(f"config.model.prediction={prediction!r}: use 'clean' or '{native}' for "
+                     f"{p.get('diffusion', 'flow_matching')}")
   if p.time_distribution not in ("uniform", "logit_normal"):
     raise ValueError(f"config.pyramid.time_distribution={p.time_distribution!r}: use 'uniform' or "
                      "'logit_normal'")
@@ -52,7 +94,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.caption_dropout={config.model.caption_dropout} must be in "
                      "[0, 1)")
   pipeline.check_config(config)
-  for field in ("first_frame_steps", "later_frame_steps"):
+  step_fields = (("steps_per_stage",) if mode(config) == "full_sequence"
+                 else ("first_frame_steps", "later_frame_steps"))
+  for field in step_fields:
     steps = tuple(config.sample[field])
     if len(steps) != p.num_stages or min(steps) < 1:
       raise ValueError(f"config.sample.{field}={steps} must give >= 1 step for each of the "

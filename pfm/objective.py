@@ -1,16 +1,20 @@
-"""The pyramidal flow matching objective on a packed token batch (paper Eqs. 6-11, 16-17).
+"""The stage-wise diffusion objective on a packed token batch.
 
-The data pipeline delivers *clean* packed rows (see ``pfm.data.pipeline``); everything random about
+Pyramidal Flow Eqs. 6-11 and 16-17; TPDiff Algorithm 2 (flow matching and DDIM). The data
+pipeline delivers *clean* packed rows (see ``pfm.data.pipeline``); everything random about
 diffusion happens here, on device, inside the jitted train step:
 
 * per packed sample (segment): the rescaled stage time t', the history corruption level and the
   caption-dropout coin;
-* per token: the noise n at the token's own stage resolution (the data side patchified each stage
-  at its own resolution, so i.i.d. noise per token is N(0, I) at that resolution).
+* per token: the noise n at the token's own stage size (the data side patchified each stage at its
+  own size, so i.i.d. noise per token is N(0, I) there), unless the pipeline sends noise aligned
+  to the data (TPDiff Algorithm 1, ``pfm.data.alignment``).
 
-The current frame unit's tokens get x̂_t of Eq. (6) from the coupled endpoints of Eqs. (9)-(10) and
-the target of Eq. (11); history tokens are corrupted with strength u ~ U[0, history_noise_max]
-(i.e. t = 1 - u, Sec. 4.1 and Eq. 16) and are not supervised.
+Supervised tokens get x_t and the target of their stage (``pfm.pyramid.paths``): flow matching
+interpolates the coupled endpoints (Eqs. 6/12) with the velocity target (Eqs. 11/13); DDIM puts x_t
+on the stage's DDIM path (TPDiff Eq. 10) with the stage noise eps_k (Eq. 11) as target. History
+tokens (autoregressive mode) are corrupted with strength u ~ U[0, history_noise_max] (t = 1 - u,
+Sec. 4.1 and Eq. 16) and are not supervised.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from pfm.data import layout
-from pfm.pyramid import paths
+from pfm.pyramid import paths, schedules
 
 BOS_TOKEN = 1  # every caption starts with it; a dropped caption keeps only it (the null caption)
 
@@ -33,9 +37,17 @@ class ObjectiveConfig:
   time_distribution: str = "uniform"
   history_noise_max: float = 1.0 / 3.0
   caption_dropout: float = 0.1
-  prediction: str = "clean"  # what the network outputs: "clean" (x-prediction) or "velocity"
+  # What the network outputs: "clean" (x-prediction) or the stage target itself ("velocity" for
+  # flow matching, "epsilon" for DDIM).
+  prediction: str = "clean"
   patch_size: int = 2
-  min_noise: float = 0.05  # clip of 1 - t when converting a clean prediction to a velocity
+  min_noise: float = 0.05  # clip of the noise coefficient when converting a clean prediction
+  diffusion: str = "flow_matching"  # or "ddim"
+  spatial_jump: int = 2  # spatial upsampling factor of every jump (1: no spatial pyramid)
+
+  @property
+  def schedule(self) -> schedules.Schedule:
+    return schedules.get_schedule(self.diffusion)
 
 
 def _per_segment(values, segment_ids):
@@ -44,22 +56,25 @@ def _per_segment(values, segment_ids):
 
 
 def corrupt_packed_batch(key, batch, config: ObjectiveConfig):
-  """Noises a clean packed batch into model inputs and flow matching targets.
+  """Noises a clean packed batch into model inputs and stage targets.
 
   Args:
     key: PRNG key (e.g. ``fold_in(rng, step)``).
     batch: dict of packed arrays: ``clean_end``, ``clean_start`` float [B, L, P] (pixels in
       [-1, 1]); ``segment_ids``, ``frame_index``, ``stage``, ``is_target`` int [B, L];
-      ``positions`` float [B, L, 2]; ``text_tokens``, ``text_segment_ids`` int [B, Lt].
+      ``positions`` float [B, L, 2]; ``text_tokens``, ``text_segment_ids`` int [B, Lt];
+      optional: ``temporal_positions`` float [B, L], ``temporal_block_offset`` int [B, L]
+      (``pfm.data.layout.layout_clip``), ``noise`` float [B, L, P] (aligned noise).
     config: windows and noise settings.
 
   Returns:
     ``(inputs, target, weight, path)``: ``inputs`` is a dict of the MM-DiT's keyword arguments
     (``video_tokens``, ``video_t``, ``video_segment_ids``, ``frame_index``, ``positions``,
-    ``text_tokens``, ``text_segment_ids``, ``text_t``); ``target`` [B, L, P] is u of Eq. (11) on
-    current-unit tokens; ``weight`` float32 [B, L] sums to 1 over each row's supervised tokens
-    divided by the number of rows, so every packed sample counts equally whatever its token count;
-    ``path`` holds ``t_local``, ``s``, ``e`` per token ([B, L, 1]) for ``to_velocity``.
+    ``temporal_positions``, ``text_tokens``, ``text_segment_ids``, ``text_t``); ``target``
+    [B, L, P] is the stage target (velocity or eps_k) on supervised tokens; ``weight`` float32
+    [B, L] sums to 1 over each row's supervised tokens divided by the number of rows, so every
+    packed sample counts equally whatever its token count; ``path`` holds ``t_local``, ``s``,
+    ``e`` per token ([B, L, 1]) and the metadata ``to_target`` needs.
   """
   clean_end = batch["clean_end"].astype(jnp.float32)
   clean_start = batch["clean_start"].astype(jnp.float32)
@@ -70,7 +85,11 @@ def corrupt_packed_batch(key, batch, config: ObjectiveConfig):
   num_slots = length + 1  # segment ids are < L + 1 since every segment has a token
 
   k_noise, k_time, k_hist, k_drop = jax.random.split(key, 4)
-  noise = jax.random.normal(k_noise, clean_end.shape, jnp.float32)
+  if "noise" in batch:  # aligned to the data on the host (TPDiff Algorithm 1)
+    noise = batch["noise"].astype(jnp.float32)
+  else:
+    noise = jax.random.normal(k_noise, clean_end.shape, jnp.float32)
+  schedule = config.schedule
   t_local = _per_segment(
       paths.sample_local_time(k_time, (num_rows, num_slots), config.time_distribution), seg)
   hist_t = 1.0 - config.history_noise_max * _per_segment(
@@ -79,11 +98,14 @@ def corrupt_packed_batch(key, batch, config: ObjectiveConfig):
   windows = jnp.asarray(config.windows, jnp.float32)
   window = windows[jnp.clip(batch["stage"], 0, windows.shape[0] - 1)]  # [B, L, 2]
   s, e = window[..., 0:1], window[..., 1:2]
-  x_start, x_end = paths.stage_endpoints(clean_end, clean_start, noise, s, e)   # Eqs. (9)-(10)
-  x_t = paths.interpolate(x_start, x_end, t_local[..., None])                  # Eq. (6)
-  target = paths.velocity_target(x_start, x_end)                               # Eq. (11)
+  # Endpoints: Pyramidal Flow Eqs. (9)-(10), TPDiff Eqs. (7)-(8).
+  x_start, x_end = paths.stage_endpoints(clean_end, clean_start, noise, s, e, schedule)
+  # x_t and target: Eqs. (6)/(11) (flow matching) or TPDiff Eqs. (10)/(11) (DDIM).
+  x_t = paths.stage_point(x_start, x_end, t_local[..., None], s, e, schedule)
+  target = paths.stage_target(x_start, x_end, s, e, schedule)
   t = paths.global_time(t_local, s[..., 0], e[..., 0])
-  x_hist = hist_t[..., None] * clean_end + (1.0 - hist_t[..., None]) * noise   # Eq. (16)
+  x_hist = (schedule.signal(hist_t)[..., None] * clean_end
+            + schedule.noise(hist_t)[..., None] * noise)                        # Eq. (16)
 
   valid = (seg > 0)[..., None]
   video_tokens = jnp.where(is_target[..., None], x_t, x_hist) * valid
@@ -104,32 +126,68 @@ def corrupt_packed_batch(key, batch, config: ObjectiveConfig):
   num_samples = jnp.maximum(jnp.sum(counts[:, 1:] > 0), 1)
   weight = is_target / jnp.maximum(_per_segment(counts, seg), 1.0) / num_samples
 
+  frame_index = batch["frame_index"].astype(jnp.int32)
+  temporal_positions = batch.get("temporal_positions", frame_index).astype(jnp.float32)
   inputs = dict(
       video_tokens=video_tokens, video_t=video_t, video_segment_ids=seg,
-      frame_index=batch["frame_index"].astype(jnp.int32),
-      positions=batch["positions"].astype(jnp.float32),
+      frame_index=frame_index, positions=batch["positions"].astype(jnp.float32),
+      temporal_positions=temporal_positions,
       text_tokens=batch["text_tokens"].astype(jnp.int32), text_segment_ids=text_seg_in,
       text_t=text_t)
-  path = dict(t_local=t_local[..., None], s=s, e=e)
+  block_offset = batch.get("temporal_block_offset")
+  if block_offset is None:
+    block_offset = jnp.zeros_like(seg)
+  path = dict(t_local=t_local[..., None], s=s, e=e,
+              coarsest=(batch["stage"] == windows.shape[0] - 1)[..., None],
+              temporal_block_offset=block_offset.astype(jnp.int32))
   return inputs, target, weight, path
 
 
-def to_velocity(output, inputs, path, config: ObjectiveConfig):
-  """The network's output as an Eq. (11) velocity on the current unit's tokens.
+def start_mean_tokens(clean_tokens, path, config: ObjectiveConfig):
+  """Up(Down(D̂)) across each token's jump, on packed tokens: the start mean a clean prediction
+  implies (Pyramidal Flow Eq. 8, TPDiff Eq. 7; ``Pyramid.start_mean`` on unpacked videos).
 
-  For ``prediction="clean"`` the output is D̂, the clean tokens at the stage resolution, and the
-  velocity follows from ``pfm.pyramid.paths.velocity_from_clean``; for ``"velocity"`` it is used
-  as is.
+  Temporally, a token's block is the tokens at its place in the frames that one coarse frame
+  duplicates into (``temporal_block_offset`` points at the first); their mean is a segment mean
+  keyed by the first token's index. Spatially the 2x2 blocks lie inside each token
+  (``layout.patch_start_mean``). The coarsest stage's start mean is zero.
+
+  Args:
+    clean_tokens: float32 [B, L, P]. path: from ``corrupt_packed_batch``. config: settings.
+
+  Returns:
+    float32 [B, L, P].
   """
-  if config.prediction == "velocity":
+  length = clean_tokens.shape[1]
+  block = jnp.arange(length) + path["temporal_block_offset"]                # [B, L]
+
+  def block_mean(tokens, ids):
+    total = jax.ops.segment_sum(tokens, ids, num_segments=length)
+    count = jax.ops.segment_sum(jnp.ones(ids.shape, tokens.dtype), ids, num_segments=length)
+    return (total / jnp.maximum(count, 1.0)[:, None])[ids]
+
+  mean = jax.vmap(block_mean)(clean_tokens, block)
+  if config.spatial_jump == 2:
+    mean = layout.patch_start_mean(mean, config.patch_size)
+  return jnp.where(path["coarsest"], 0.0, mean)
+
+
+def to_target(output, inputs, path, config: ObjectiveConfig):
+  """The network's output as the stage target (velocity or eps_k) on supervised tokens.
+
+  For ``prediction="clean"`` the output is D̂, the clean tokens at the stage's size, and the
+  target follows from ``pfm.pyramid.paths.target_from_clean``; otherwise it is the target itself.
+  """
+  if config.prediction != "clean":
     return output
   output = output.astype(jnp.float32)
-  return paths.velocity_from_clean(
-      inputs["video_tokens"], output, layout.patch_start_mean(output, config.patch_size),
-      path["t_local"], path["s"], path["e"], config.min_noise)
+  return paths.target_from_clean(
+      inputs["video_tokens"], output, start_mean_tokens(output, path, config),
+      path["t_local"], path["s"], path["e"], config.schedule, config.min_noise)
+
 
 
 def weighted_mse(prediction, target, weight):
-  """Eq. (11) loss: squared error averaged over the patch dim, weighted per token (sum)."""
+  """Eq. (11) / Algorithm 2 loss: squared error averaged over the patch dim, weighted per token."""
   err = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=-1)
   return jnp.sum(err * weight), err

@@ -1,11 +1,19 @@
 r"""Sampling: ``python -m pfm.sample --workdir=runs/demo --prompt="..." [--image=first.png]``.
 
-Autoregressive generation with the temporal pyramid (paper Sec. 3.3, Eq. 17): frame unit after
-frame unit, each through all spatial stages (Algorithm 1) with the pure sampler of
-``pfm.pyramid.samplers`` driven by the MM-DiT as ``velocity_fn``. The history is the clean
-generated units at progressively lower resolution, laid out by the same code the training pipeline
-uses (``pfm.data.layout``). Classifier-free guidance uses the null caption (BOS only):
-``guidance_scale`` for the first frame, ``video_guidance_scale`` for later frames.
+Two modes, as the run was trained (``config.mode``):
+
+* autoregressive, with the temporal pyramid of Pyramidal Flow (Sec. 3.3, Eq. 17): frame unit after
+  frame unit, each through all spatial stages (Algorithm 1). The history is the clean generated
+  units at progressively lower resolution, laid out by the same code the training pipeline uses
+  (``pfm.data.layout``). ``guidance_scale`` for the first frame, ``video_guidance_scale`` for
+  later frames.
+* full sequence: the whole clip at once through the stages of its pyramid (spatial, frame-rate
+  (TPDiff Sec. 3.6) or both), Euler for flow matching and DDIM for the variance-preserving form,
+  ``sample.steps_per_stage`` steps per stage. ``num_frames`` may exceed the training clip
+  (TPDiff Appendix A.6).
+
+Both run the pure samplers of ``pfm.pyramid.samplers`` with the MM-DiT as ``model_fn``.
+Classifier-free guidance uses the null caption (BOS only).
 
 The same options are available in Python, for notebooks::
 
@@ -31,7 +39,7 @@ from pfm import config as config_lib
 from pfm.data import layout
 from pfm.data import text as text_lib
 from pfm.data import video as video_lib
-from pfm.pyramid import paths, resample, samplers
+from pfm.pyramid import paths, samplers
 
 FLAGS = flags.FLAGS
 
@@ -49,9 +57,11 @@ class Sampler:
     self.config = config
     self._graphdef = graphdef
     self._params = params
-    self._windows = config_lib.stage_windows(config)
-    self._min_noise = 1e-3  # Euler's last step of the last stage lands on the clean prediction
+    self.mode = config_lib.mode(config)
+    self._pyramid = config_lib.pyramid(config)
+    self._min_noise = 1e-3  # the last step of the last stage lands on the clean prediction
     self._sample_unit = jax.jit(self._sample_unit_impl, static_argnames=("steps",))
+    self._sample_clip = jax.jit(self._sample_clip_impl, static_argnames=("steps", "num_frames"))
     # Caption and history keys/values are reusable across Euler steps only when the caption is
     # not conditioned on the sampling time.
     self.caches_context = not config.model.get("text_time_conditioning", True)
@@ -101,7 +111,7 @@ class Sampler:
               positions=h["positions"], text_t=jnp.ones(text_tokens.shape), **text)
           for h in history]
 
-    def velocity_fn(x, t, k):
+    def model_fn(x, t, k):
       hk, wk = height // 2**k, width // 2**k
       grid = layout.grid_positions((hk // p, wk // p), (hk // p, wk // p))
       current = dict(
@@ -121,16 +131,65 @@ class Sampler:
         pred = model(**joined, text_t=jnp.full(text_tokens.shape, t), **text)
       n = len(grid)
       out_cond, out_null = pred[0, :n], pred[1, :n]
-      # Guidance is linear in the output, and the output is affine in the velocity.
+      # Guidance is linear in the output, and the output is affine in the target.
       out = layout.unpatchify(out_null + guidance_scale * (out_cond - out_null), p, hk, wk)
-      if cfg.model.prediction == "velocity":
-        return out
-      s, e = self._windows[k]
-      return paths.velocity_from_clean(
-          x, out, resample.start_mean(out, 0), (t - s) / (e - s), s, e, self._min_noise)
+      return self._to_target(x, out, t, k)
 
-    return samplers.sample_pyramid(velocity_fn, key, (height, width, 3), self._windows, steps,
-                                   cfg.pyramid.gamma)
+    return samplers.sample_pyramid(model_fn, key, (height, width, 3), self._pyramid, steps)
+
+  def _to_target(self, x, out, t, k):
+    """The model's output at stage k as the sampler's target (velocity or eps_k)."""
+    if self.config.model.prediction != "clean":
+      return out
+    s, e = self._pyramid.windows[k]
+    return paths.target_from_clean(x, out, self._pyramid.start_mean(out, k), (t - s) / (e - s),
+                                   s, e, self._pyramid.schedule, self._min_noise)
+
+  # -- a whole clip at once (full-sequence mode) -------------------------------------------------
+
+  def _sample_clip_impl(self, params, key, text_tokens, text_segment_ids, guidance_scale, *,
+                        steps, num_frames):
+    """Generates a ``num_frames`` clip through every stage of the pyramid; jitted per ``steps``.
+
+    All frames are one unit (bidirectional attention). With a clean-conditioned caption the
+    caption's keys/values are computed once for the whole clip (``MMDiT.encode_context``).
+    """
+    cfg = self.config
+    p = cfg.model.patch_size
+    pyramid = self._pyramid
+    consistent = cfg.pyramid.get("stage_consistent_rope", True)
+    model = nnx.merge(self._graphdef, params)
+    both = lambda a: jnp.broadcast_to(a, (2, *a.shape))  # row 0 prompt, row 1 null caption
+    text = dict(text_tokens=text_tokens, text_segment_ids=text_segment_ids)
+    if self.caches_context:  # the caption plus one padding video token
+      context = model.encode_context(
+          video_tokens=jnp.zeros((2, 1, 3 * p * p)), video_t=jnp.ones((2, 1)),
+          video_segment_ids=jnp.zeros((2, 1), jnp.int32),
+          frame_index=jnp.zeros((2, 1), jnp.int32), positions=jnp.zeros((2, 1, 2)),
+          text_t=jnp.ones(text_tokens.shape), **text)
+
+    def model_fn(x, t, k):
+      tk, hk, wk, _ = x.shape
+      per_frame = (hk // p) * (wk // p)
+      n = tk * per_frame
+      grid = layout.grid_positions((hk // p, wk // p), (hk // p, wk // p))
+      current = dict(
+          video_tokens=both(layout.patchify(x, p).reshape(n, -1)),
+          video_t=jnp.full((2, n), t), video_segment_ids=jnp.ones((2, n), jnp.int32),
+          frame_index=jnp.zeros((2, n), jnp.int32),
+          positions=both(jnp.asarray(np.tile(grid, (tk, 1)))),
+          temporal_positions=both(jnp.asarray(
+              np.repeat(pyramid.temporal_positions(tk, k, consistent), per_frame))))
+      if self.caches_context:
+        pred = model.decode(**current, context=context)
+      else:
+        pred = model(**current, text_t=jnp.full(text_tokens.shape, t), **text)
+      out = pred[1] + guidance_scale * (pred[0] - pred[1])
+      out = layout.unpatchify(out.reshape(tk, per_frame, -1), p, hk, wk)
+      return self._to_target(x, out, t, k)
+
+    shape = (num_frames, cfg.data.height, cfg.data.width, 3)
+    return samplers.sample_pyramid(model_fn, key, shape, pyramid, steps)
 
   def _history_arrays(self, history_frames: np.ndarray, length: int):
     """Per stage k: the clean history tokens padded to ``length - tokens(current unit at k)``."""
@@ -159,21 +218,32 @@ class Sampler:
 
     Args:
       prompt: the caption (UTF-8; truncated to ``config.data.caption_length`` bytes).
-      num_frames: frame units to generate (may exceed the training clip length).
-      first_frame_steps, later_frame_steps: Euler steps per stage, coarsest first.
-      guidance_scale, video_guidance_scale: classifier-free guidance for the first / later units.
+      num_frames: frame units to generate (may exceed the training clip length; in the
+        full-sequence mode a multiple of the coarsest stage's frame-rate reduction).
+      first_frame_steps, later_frame_steps: steps per stage, coarsest first (autoregressive);
+        ``first_frame_steps`` also sets the steps per stage of the full-sequence mode (default
+        ``config.sample.steps_per_stage``).
+      guidance_scale, video_guidance_scale: classifier-free guidance for the first / later units
+        (the full-sequence mode uses ``guidance_scale``).
       seed: sampling seed; the same seed gives the same video.
       image: optional first frame (uint8 ``[H, W, 3]`` at the model's resolution, or any size,
-        which is centre-cropped and resized) for image-to-video.
+        which is centre-cropped and resized) for image-to-video (autoregressive mode).
       progress: show a progress bar.
 
     Returns:
       uint8 ``[num_frames, H, W, 3]``.
+
+    Raises:
+      ValueError: for an image in the full-sequence mode, or a frame count the pyramid does not
+        divide.
     """
     from tqdm.auto import tqdm
 
     s = self.config.sample
     num_frames = num_frames or s.num_frames
+    if self.mode == "full_sequence":
+      return self._generate_clip(prompt, num_frames, first_frame_steps, guidance_scale, seed,
+                                 image)
     first_frame_steps = tuple(first_frame_steps or s.first_frame_steps)
     later_frame_steps = tuple(later_frame_steps or s.later_frame_steps)
     guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
@@ -184,12 +254,7 @@ class Sampler:
         num_frames, height=cfg.data.height, width=cfg.data.width, patch_size=cfg.model.patch_size,
         num_stages=cfg.pyramid.num_stages)
     length = -(-length // 64) * 64  # a few padded lengths, so few compilations
-    text_len = cfg.data.caption_length
-    cond = text_lib.encode_caption(prompt, text_len)
-    null = text_lib.encode_caption("", text_len)
-    text_tokens = np.zeros((2, text_len), np.int32)
-    text_tokens[0, :len(cond)], text_tokens[1, :len(null)] = cond, null
-    text_segment_ids = (text_tokens > 0).astype(np.int32)
+    text_tokens, text_segment_ids = self._caption_arrays(prompt)
 
     frames = []
     if image is not None:
@@ -206,6 +271,31 @@ class Sampler:
           steps=first_frame_steps if first else later_frame_steps)
       frames.append(np.asarray(jnp.clip(x, -1.0, 1.0)))
     return video_lib.to_uint8(np.stack(frames))
+
+
+  def _caption_arrays(self, prompt: str):
+    """int32 [2, Lc] tokens and segment ids: row 0 the prompt, row 1 the null caption."""
+    text_len = self.config.data.caption_length
+    cond = text_lib.encode_caption(prompt, text_len)
+    null = text_lib.encode_caption("", text_len)
+    text_tokens = np.zeros((2, text_len), np.int32)
+    text_tokens[0, :len(cond)], text_tokens[1, :len(null)] = cond, null
+    return text_tokens, (text_tokens > 0).astype(np.int32)
+
+  def _generate_clip(self, prompt, num_frames, steps, guidance_scale, seed, image):
+    if image is not None:
+      raise ValueError("image-to-video needs an autoregressive run; this one is full_sequence")
+    coarsest = self._pyramid.temporal_factors[-1]
+    if num_frames % coarsest:
+      raise ValueError(f"num_frames={num_frames} is not divisible by the coarsest stage's "
+                       f"frame-rate reduction {coarsest}")
+    s = self.config.sample
+    steps = tuple(steps or s.steps_per_stage)
+    guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
+    text_tokens, text_segment_ids = self._caption_arrays(prompt)
+    x = self._sample_clip(self._params, jax.random.key(seed), text_tokens, text_segment_ids,
+                          jnp.float32(guidance_scale), steps=steps, num_frames=num_frames)
+    return video_lib.to_uint8(np.asarray(jnp.clip(x, -1.0, 1.0)))
 
 
 def write_training_samples(sampler: Sampler, config, workdir: str, step: int, writer) -> dict:
@@ -253,7 +343,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("prompt", None, "The caption to generate.")
   flags.DEFINE_string("image", None, "Optional first frame (png/jpg) for image-to-video.")
   flags.DEFINE_integer("num_frames", None, "Frame units to generate (default: config).")
-  flags.DEFINE_list("first_frame_steps", None, "Euler steps per stage for the first frame.")
+  flags.DEFINE_list("first_frame_steps", None,
+                    "Steps per stage for the first frame (full-sequence mode: for the clip).")
   flags.DEFINE_list("later_frame_steps", None, "Euler steps per stage for later frames.")
   flags.DEFINE_float("guidance_scale", None, "Guidance scale for the first frame.")
   flags.DEFINE_float("video_guidance_scale", None, "Guidance scale for later frames.")

@@ -91,13 +91,15 @@ def abstract_state(config: ml_collections.ConfigDict):
 
 
 def objective_config(config) -> objective.ObjectiveConfig:
-  windows = config_lib.stage_windows(config)
+  pyramid = config_lib.pyramid(config)
   return objective.ObjectiveConfig(
-      windows=tuple((float(s), float(e)) for s, e in windows),
+      windows=pyramid.windows,
       time_distribution=config.pyramid.time_distribution,
       history_noise_max=float(config.pyramid.history_noise_max),
       caption_dropout=float(config.model.caption_dropout),
-      prediction=config.model.prediction, patch_size=int(config.model.patch_size))
+      prediction=config.model.prediction, patch_size=int(config.model.patch_size),
+      diffusion=pyramid.diffusion,
+      spatial_jump=pyramid.spatial_factors[1] if pyramid.num_stages > 1 else 1)
 
 
 def train_step(state, batch, *, graphdef, tx, obj: objective.ObjectiveConfig, ema_decay: float,
@@ -113,8 +115,8 @@ def train_step(state, batch, *, graphdef, tx, obj: objective.ObjectiveConfig, em
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params)
-    velocity = objective.to_velocity(model(**inputs), inputs, path, obj)
-    loss, err = objective.weighted_mse(velocity, target, weight)
+    prediction = objective.to_target(model(**inputs), inputs, path, obj)
+    loss, err = objective.weighted_mse(prediction, target, weight)
     return loss, err
 
   (loss, err), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])

@@ -160,9 +160,12 @@ def test_layout_sample():
     assert target.sum() == n_cur and np.all(target[-n_cur:])
     np.testing.assert_array_equal(sample["clean_end"][target],
                                   layout.patchify(resample.down(frames[i], 2**k), p))
-    np.testing.assert_allclose(sample["clean_start"][target],
-                               layout.patchify(resample.start_mean(frames[i], k), p))
+    # The start mean Up(Down(.)); zero at the coarsest stage, whose start is pure noise.
+    expected_start = (resample.start_mean(frames[i], k) if k < num_stages - 1
+                      else np.zeros_like(resample.down(frames[i], 2**k)))
+    np.testing.assert_allclose(sample["clean_start"][target], layout.patchify(expected_start, p))
     assert np.all(sample["clean_start"][~target] == 0)
+    np.testing.assert_array_equal(sample["temporal_positions"], sample["frame_index"])
     assert np.all(sample["frame_index"][target] == i)
     grid = 32 // 2**k // p
     np.testing.assert_array_equal(sample["positions"][target],
@@ -296,7 +299,9 @@ def _check_batch(batch, config):
             "segment_ids": ((b, length), np.int32), "frame_index": ((b, length), np.int32),
             "positions": ((b, length, 2), np.float32), "stage": ((b, length), np.int32),
             "is_target": ((b, length), np.int32), "text_tokens": ((b, lt), np.int32),
-            "text_segment_ids": ((b, lt), np.int32)}
+            "text_segment_ids": ((b, lt), np.int32),
+            "temporal_positions": ((b, length), np.float32),
+            "temporal_block_offset": ((b, length), np.int32)}
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == shapes
   assert np.all(np.abs(batch["clean_end"]) <= 1)
   for row in range(b):

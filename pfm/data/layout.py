@@ -229,7 +229,9 @@ def layout_sample(frames: np.ndarray, i: int, k: int, num_stages: int,
       ``positions``: float32 ``[n, 2]``, (row, col) on the current unit's token grid.
       ``stage``: int32 ``[n]``, k for every token.
       ``is_target``: int32 ``[n]``, 1 for the current unit's tokens, 0 for history.
-    with ``P = p * p * C``.
+      ``temporal_positions``: float32 ``[n]``, the RoPE position: the unit index.
+      ``temporal_block_offset``: int32 ``[n]``, zeros (no temporal jump blocks here).
+    with ``P = p * p * C``. The coarsest stage's start mean is zero (``Pyramid.start_mean``).
 
   Raises:
     ValueError: if ``i`` or ``k`` is out of range or the frame size does not tile.
@@ -244,16 +246,89 @@ def layout_sample(frames: np.ndarray, i: int, k: int, num_stages: int,
   current = frames[i]
   end = patchify(resample.level(current, k), p)
   start = patchify(resample.start_mean(current, k), p)
+  if k == num_stages - 1:
+    start = np.zeros_like(start)
   n_cur, n_hist = end.shape[0], history["tokens"].shape[0]
   grid = level_token_grid(height, width, k, p)
+  frame_index = np.concatenate([history["frame_index"], np.full(n_cur, i, np.int32)])
   return dict(
       clean_end=np.concatenate([history["tokens"], end]),
       clean_start=np.concatenate([np.zeros_like(history["tokens"]), start]),
-      frame_index=np.concatenate([history["frame_index"], np.full(n_cur, i, np.int32)]),
+      frame_index=frame_index,
       positions=np.concatenate([history["positions"], grid_positions(grid, grid)]),
       stage=np.full(n_hist + n_cur, k, np.int32),
       is_target=np.concatenate([np.zeros(n_hist, np.int32), np.ones(n_cur, np.int32)]),
+      temporal_positions=frame_index.astype(np.float32),
+      temporal_block_offset=np.zeros(n_hist + n_cur, np.int32),
   )
+
+
+def layout_clip(frames: np.ndarray, k: int, pyramid, p: int, *,
+                consistent_rope: bool = True) -> dict[str, np.ndarray]:
+  """Unpacked per-token arrays of one full-sequence training sample: a whole clip at stage k.
+
+  Full-sequence mode (TPDiff; the spatial pyramid applied frame-wise, beyond Pyramidal Flow's
+  autoregressive use, its Appendix D): every frame of the clip is noised to the same level and
+  all frames are one unit (``frame_index`` 0), so attention over them is bidirectional. Stage k
+  works at ``pyramid.level`` (resolution / 2^k and/or frame rate / f_k).
+
+  Args:
+    frames: float32 ``[T, H, W, C]`` clean clip in [-1, 1]; T divisible by the coarsest stage's
+      temporal factor.
+    k: the stage, in [0, K - 1].
+    pyramid: a ``pfm.pyramid.stages.Pyramid``.
+    p: patch size.
+    consistent_rope: stage-consistent temporal positions (TPDiff Eq. 14); False numbers the
+      stage's frames 0, 1, 2, ...
+
+  Returns:
+    dict of arrays with ``n = T_k * (H_k / p) * (W_k / p)`` rows in (frame, row, col) order:
+      ``clean_end``: float32 ``[n, P]``, patchify(D_k) with D_k = ``pyramid.level(frames, k)``.
+      ``clean_start``: float32 ``[n, P]``, patchify(``pyramid.start_mean(D_k, k)``): Up(Down(D_k))
+        across the jump into stage k (TPDiff Eq. 7), zero at the coarsest stage.
+      ``frame_index``: int32 ``[n]``, zeros (one unit).
+      ``temporal_positions``: float32 ``[n]``, ``pyramid.temporal_positions`` of each token's frame.
+      ``positions``: float32 ``[n, 2]``, the integer (row, col) grid of stage k (extrapolation).
+      ``stage``: int32 ``[n]``, k. ``is_target``: int32 ``[n]``, ones.
+      ``temporal_block_offset``: int32 ``[n]``: offset (<= 0) from each token to the first token
+        of its temporal jump block, the tokens at the same place in the f frames that temporal
+        Up duplicates from one coarse frame; the objective averages over these blocks to turn a
+        clean prediction into the start mean. Zero at the coarsest stage and without a temporal
+        jump.
+
+  Raises:
+    ValueError: if ``k`` is out of range or the clip does not divide into stage k's size.
+  """
+  if not 0 <= k < pyramid.num_stages:
+    raise ValueError(f"layout_clip: stage {k} outside [0, {pyramid.num_stages - 1}]")
+  clean = pyramid.level(frames.astype(np.float32), k)
+  num_frames, h, w, _ = clean.shape
+  if h % p or w % p:
+    raise ValueError(f"layout_clip: stage {k} size {h}x{w} is not divisible by patch size {p}")
+  start = pyramid.start_mean(clean, k)
+  per_frame = (h // p) * (w // p)
+  n = num_frames * per_frame
+  ft = pyramid.jump(k)[1] if k < pyramid.num_stages - 1 else 1
+  frame_of_token = np.repeat(np.arange(num_frames), per_frame)
+  grid = grid_positions((h // p, w // p), (h // p, w // p))
+  return dict(
+      clean_end=patchify(clean, p).reshape(n, -1),
+      clean_start=patchify(start, p).reshape(n, -1),
+      frame_index=np.zeros(n, np.int32),
+      positions=np.tile(grid, (num_frames, 1)),
+      stage=np.full(n, k, np.int32),
+      is_target=np.ones(n, np.int32),
+      temporal_positions=np.repeat(
+          pyramid.temporal_positions(num_frames, k, consistent_rope), per_frame),
+      temporal_block_offset=(-(frame_of_token % ft) * per_frame).astype(np.int32),
+  )
+
+
+def clip_tokens(num_frames: int, *, height: int, width: int, patch_size: int, pyramid,
+                k: int = 0) -> int:
+  """Tokens of a ``num_frames``-frame clip at stage k (``layout_clip``); stage 0 is the most."""
+  shape = pyramid.stage_shape((num_frames, height, width, 3), k)
+  return shape[0] * (shape[1] // patch_size) * (shape[2] // patch_size)
 
 
 def tokens_per_sample(i: int, k: int, *, height: int, width: int, patch_size: int,

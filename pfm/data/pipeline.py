@@ -1,9 +1,11 @@
 """The training input pipeline: manifest -> clean pyramid layout -> packed token rows (grain).
 
 Per example (deterministic for the seed, grain ``random_map``): pick a clip of ``num_frames``
-frames at ``frame_stride`` (center crop, resized), the current unit ``i`` uniformly in
-[0, T - 1] and the stage ``k`` with probability proportional to ``stage_weights[k]``; lay out the
-clean history and current unit (``layout.layout_sample``) and add the caption's byte tokens.
+frames at ``frame_stride`` (center crop, resized) and the stage ``k`` with probability
+proportional to ``stage_weights[k]``. In the autoregressive mode, pick the current unit ``i``
+uniformly in [0, T - 1] and lay out the clean history and current unit
+(``layout.layout_sample``); in the full-sequence mode, lay out the whole clip at stage k
+(``layout.layout_clip``). Then add the caption's byte tokens.
 Samples are then packed first-fit into rows of ``max_tokens`` video tokens and
 ``max_text_tokens`` text tokens (``grain.experimental.FirstFitPackIterDataset``) and batched.
 No noise is drawn here; that happens on device.
@@ -18,8 +20,13 @@ Packed batch (NumPy, ``B = config.data.batch_size``, ``L = max_tokens``, ``Lt = 
   positions         float32 [B, L, 2]   (row, col) on the current unit's token grid
   stage             int32   [B, L]      stage k of the token's sample
   is_target         int32   [B, L]      1 for current-unit tokens
+  temporal_positions float32 [B, L]     temporal RoPE position (full-rate frames, TPDiff Eq. 14)
+  temporal_block_offset int32 [B, L]    offset to the first token of the token's temporal jump
+                                        block (``layout.layout_clip``); 0 without one
   text_tokens       int32   [B, Lt]     byte tokens (``pfm.data.text``), 0 = padding
   text_segment_ids  int32   [B, Lt]     same ids as the video tokens of the same sample
+  noise             float32 [B, L, P]   only with ``pyramid.align_noise``: the diffusion noise,
+                                        aligned to the data per host (``pfm.data.alignment``)
 
 The iterator of the returned dataset has ``get_state()`` / ``set_state()``; a restored iterator
 yields exactly the batches the saved one would have.
@@ -36,12 +43,15 @@ from absl import logging
 import grain
 import numpy as np
 
+from pfm import config as config_lib
+from pfm.data import alignment
 from pfm.data import layout
 from pfm.data import manifest as manifest_lib
 from pfm.data import text as text_lib
 from pfm.data import video
 
-VIDEO_FIELDS = ("clean_end", "clean_start", "frame_index", "positions", "stage", "is_target")
+VIDEO_FIELDS = ("clean_end", "clean_start", "frame_index", "positions", "stage", "is_target",
+                "temporal_positions", "temporal_block_offset")
 BATCH_FIELDS = VIDEO_FIELDS + ("segment_ids", "text_tokens", "text_segment_ids")
 _MIN_SHUFFLE_DOMAIN = 4096
 
@@ -66,13 +76,24 @@ def check_config(config) -> int:
       positive sum.
   """
   data, num_stages = config.data, config.pyramid.num_stages
-  worst = layout.max_tokens_per_sample(
-      data.num_frames, height=data.height, width=data.width,
-      patch_size=config.model.patch_size, num_stages=num_stages)
+  if config_lib.mode(config) == "full_sequence":
+    pyramid = config_lib.pyramid(config)
+    coarsest = pyramid.temporal_factors[-1]
+    if data.num_frames % coarsest:
+      raise ValueError(f"config.data.num_frames={data.num_frames} is not divisible by the "
+                       f"coarsest stage's frame-rate reduction {coarsest}")
+    worst = layout.clip_tokens(data.num_frames, height=data.height, width=data.width,
+                               patch_size=config.model.patch_size, pyramid=pyramid)
+    what = f"a {data.num_frames}-frame clip at stage 0"
+  else:
+    worst = layout.max_tokens_per_sample(
+        data.num_frames, height=data.height, width=data.width,
+        patch_size=config.model.patch_size, num_stages=num_stages)
+    what = f"last of {data.num_frames} units at stage 0"
   if worst > data.max_tokens:
     raise ValueError(
         f"config.data.max_tokens={data.max_tokens} is too small: the worst-case sample "
-        f"(last of {data.num_frames} units at stage 0) has {worst} tokens")
+        f"({what}) has {worst} tokens")
   if not 1 <= data.caption_length <= data.max_text_tokens:
     raise ValueError(f"need 1 <= caption_length ({data.caption_length}) <= max_text_tokens "
                      f"({data.max_text_tokens})")
@@ -127,7 +148,7 @@ class MakeSample(grain.transforms.RandomMap):
 
   def __init__(self, *, height: int, width: int, num_frames: int, frame_stride: int,
                patch_size: int, num_stages: int, stage_weights, caption_length: int,
-               num_records: int):
+               num_records: int, pyramid=None, consistent_rope: bool = True):
     self.size = (height, width)
     self.num_frames = num_frames
     self.frame_stride = frame_stride
@@ -137,6 +158,8 @@ class MakeSample(grain.transforms.RandomMap):
     self.stage_probs = weights / weights.sum()
     self.caption_length = caption_length
     self.num_records = num_records
+    self.pyramid = pyramid  # a stages.Pyramid: full-sequence mode; None: autoregressive
+    self.consistent_rope = consistent_rope
     self._bad_paths: set[str] = set()
 
   def __getstate__(self):
@@ -161,10 +184,17 @@ class MakeSample(grain.transforms.RandomMap):
     except video.VideoReadError as e:
       self._skip(path, str(e))
       return None
-    i = int(rng.integers(0, len(clip)))
-    k = int(rng.choice(self.num_stages, p=self.stage_probs))
-    sample = layout.layout_sample(video.to_float(clip[:i + 1]), i, k, self.num_stages,
-                                  self.patch_size)
+    if self.pyramid is not None:
+      if len(clip) < self.num_frames:  # an image: a still clip
+        clip = np.repeat(clip[:1], self.num_frames, axis=0)
+      k = int(rng.choice(self.num_stages, p=self.stage_probs))
+      sample = layout.layout_clip(video.to_float(clip), k, self.pyramid, self.patch_size,
+                                  consistent_rope=self.consistent_rope)
+    else:
+      i = int(rng.integers(0, len(clip)))
+      k = int(rng.choice(self.num_stages, p=self.stage_probs))
+      sample = layout.layout_sample(video.to_float(clip[:i + 1]), i, k, self.num_stages,
+                                    self.patch_size)
     sample["text_tokens"] = text_lib.encode_caption(element.get("text", ""), self.caption_length)
     return sample
 
@@ -193,11 +223,12 @@ def create_dataset(config, *, seed: int, shard_index: int = 0,
   """The packed training batches of this host, as a grain dataset.
 
   Args:
-    config: ``ml_collections.ConfigDict`` with ``data.{manifest, height, width, num_frames,
+    config: ``ml_collections.ConfigDict`` with ``mode`` and ``data.{manifest, height, width, num_frames,
       frame_stride, max_tokens, max_text_tokens, caption_length, batch_size, num_workers}``
       (optional: ``data.num_packing_bins``, default ``4 * batch_size``, rows packed at once, more
       rows give less padding; ``data.num_threads``, default 2, threads making samples in each
-      process), ``model.patch_size`` and ``pyramid.{num_stages, stage_weights}``.
+      process), ``model.patch_size`` and ``pyramid.{num_stages, stage_weights, align_noise, ...}``
+      (``pfm.config.pyramid``).
     seed: pipeline seed in [0, 2^32); the same seed gives the same batches.
     shard_index: this host's index, in [0, shard_count).
     shard_count: number of hosts reading disjoint shards.
@@ -222,7 +253,10 @@ def create_dataset(config, *, seed: int, shard_index: int = 0,
       height=data.height, width=data.width, num_frames=data.num_frames,
       frame_stride=data.frame_stride, patch_size=config.model.patch_size,
       num_stages=config.pyramid.num_stages, stage_weights=tuple(config.pyramid.stage_weights),
-      caption_length=data.caption_length, num_records=len(records))
+      caption_length=data.caption_length, num_records=len(records),
+      pyramid=(config_lib.pyramid(config) if config_lib.mode(config) == "full_sequence"
+               else None),
+      consistent_rope=config.pyramid.get("stage_consistent_rope", True))
   ds = grain.MapDataset.source(records).seed(seed)
   if len(records) < _MIN_SHUFFLE_DOMAIN:
     # grain's index_shuffle costs milliseconds per index on tiny domains (7 ms for 3 records):
@@ -248,8 +282,11 @@ def create_dataset(config, *, seed: int, shard_index: int = 0,
       ds, length_struct=length_struct,
       num_packing_bins=data.get("num_packing_bins", 4 * data.batch_size),
       seed=seed, shuffle_bins=True)
-  ds = ds.map(_to_batch_row)
-  return ds.batch(data.batch_size, drop_remainder=True)
+  ds = ds.map(_to_batch_row).batch(data.batch_size, drop_remainder=True)
+  if config.pyramid.get("align_noise", False):
+    # Data-noise alignment (TPDiff Algorithm 1) on this host's batch.
+    ds = ds.random_map(alignment.AlignNoise(), seed=seed)
+  return ds
 
 
 def skip_counts() -> dict[str, int]:

@@ -346,6 +346,7 @@ class MMDiT(nnx.Module):
     text_t: jax.Array | None = None,
     *,
     text_embeddings: jax.Array | None = None,
+    temporal_positions: jax.Array | None = None,
   ) -> jax.Array:
     """Predicts the velocity of every video token of a packed batch.
 
@@ -353,13 +354,17 @@ class MMDiT(nnx.Module):
       video_tokens: float [B, L, P] patchified noisy video tokens, P = config.patch_dim.
       video_t: float32 [B, L] each token's noise level in [0, 1] (0 = noise, 1 = data).
       video_segment_ids: int32 [B, L] packed sample id 1..S, 0 = padding.
-      frame_index: int32 [B, L] temporal index of the token's frame unit (0 = first).
+      frame_index: int32 [B, L] the token's frame unit (0 = first): the blockwise causal mask
+        lets a token see its own and earlier units. A whole clip generated at once
+        (full-sequence mode) is one unit: bidirectional attention over its frames.
       positions: float32 [B, L, 2] (row, col) in patch units, fractional allowed.
       text_tokens: int32 [B, Lt] caption bytes + 2, 1 = BOS, 0 = padding.
       text_segment_ids: int32 [B, Lt] segment of each text token, 0 = padding. Required.
       text_t: float32 [B, Lt] noise level of the segment's current unit. Required.
       text_embeddings: float [B, Lt, config.text_embed_dim] precomputed caption embeddings,
         instead of text_tokens.
+      temporal_positions: float32 [B, L] temporal RoPE position of each token in full-rate
+        frames (TPDiff Eq. 14, stage-consistent); default ``frame_index``.
 
     Returns:
       float32 [B, L, P] velocity prediction; exactly zero at padding tokens.
@@ -369,7 +374,7 @@ class MMDiT(nnx.Module):
     """
     context, x_video, c_video = self._forward(
       video_tokens, video_t, video_segment_ids, frame_index, positions, text_tokens,
-      text_segment_ids, text_t, text_embeddings)
+      text_segment_ids, text_t, text_embeddings, temporal_positions)
     del context
     return self._output(x_video, c_video, video_segment_ids)
 
@@ -385,6 +390,7 @@ class MMDiT(nnx.Module):
     text_t: jax.Array | None = None,
     *,
     text_embeddings: jax.Array | None = None,
+    temporal_positions: jax.Array | None = None,
   ) -> ContextCache:
     """Keys/values of tokens that later frame units only read: captions and clean history.
 
@@ -399,7 +405,7 @@ class MMDiT(nnx.Module):
     """
     context, _, _ = self._forward(
       video_tokens, video_t, video_segment_ids, frame_index, positions, text_tokens,
-      text_segment_ids, text_t, text_embeddings)
+      text_segment_ids, text_t, text_embeddings, temporal_positions)
     return context
 
   def decode(
@@ -410,6 +416,7 @@ class MMDiT(nnx.Module):
     frame_index: jax.Array,
     positions: jax.Array,
     context: ContextCache,
+    temporal_positions: jax.Array | None = None,
   ) -> jax.Array:
     """`__call__` for new video tokens that attend to a cached context and to themselves.
 
@@ -424,7 +431,8 @@ class MMDiT(nnx.Module):
     mask = attention.MaskInfo(
       video_segment_ids, frame_index, jnp.concatenate([context.segment_ids, video_segment_ids], 1),
       jnp.concatenate([context.frames, frame_index], 1))
-    angles = rope_angles(frame_index, config.head_dim, config.rope_theta)
+    angles = rope_angles(frame_index if temporal_positions is None else temporal_positions,
+                         config.head_dim, config.rope_theta)
     for block, kv in zip(self.blocks, context.kv):
       x_video = block.decode(x_video, c_video, angles, mask, kv)
     return self._output(x_video, c_video, video_segment_ids)
@@ -442,7 +450,7 @@ class MMDiT(nnx.Module):
     return (with_logical_constraint(x_video, _ACT), with_logical_constraint(c_video, _ACT))
 
   def _forward(self, video_tokens, video_t, video_segment_ids, frame_index, positions,
-               text_tokens, text_segment_ids, text_t, text_embeddings):
+               text_tokens, text_segment_ids, text_t, text_embeddings, temporal_positions=None):
     """All blocks over [text; video] -> (ContextCache of every token, x_video, c_video)."""
     if text_segment_ids is None or text_t is None:
       raise ValueError("text_segment_ids and text_t are required.")
@@ -466,8 +474,11 @@ class MMDiT(nnx.Module):
     frames = jnp.concatenate(
       [jnp.full_like(text_segment_ids, attention.TEXT_FRAME), frame_index], axis=1)
     mask = attention.MaskInfo.self_attention(segment_ids, frames)
+    if temporal_positions is None:
+      temporal_positions = frame_index
     angles = rope_angles(
-      jnp.concatenate([jnp.zeros_like(text_segment_ids), frame_index], axis=1),
+      jnp.concatenate([jnp.zeros(text_segment_ids.shape, jnp.float32),
+                       temporal_positions.astype(jnp.float32)], axis=1),
       config.head_dim, config.rope_theta)
 
     kv = []

@@ -1,8 +1,21 @@
-"""The piecewise coupled-noise flow of one pyramid stage (Pyramidal Flow Matching, Sec. 3.2.1).
+"""Stage-wise diffusion: the path and target inside one pyramid stage, for flow matching and DDIM.
 
-All functions are elementwise in the paper's notation and broadcast, so they apply equally to an
-image ``[H, W, C]`` at stage k's resolution and to a packed token batch ``[B, L, P]`` whose window
-times ``s, e`` are given per token (``[B, L, 1]``). Time t = 0 is noise, t = 1 is data.
+Stage k runs from x̂_{s_k} to x̂_{e_k}, two points coupled through one noise draw n (Pyramidal Flow
+Eqs. 9-10, TPDiff Eqs. 7-8, project convention t = 0 noise, t = 1 data):
+
+    x̂_{s_k} = gamma_{s_k} Up(Down(D)) + sigma_{s_k} n,     x̂_{e_k} = gamma_{e_k} D + sigma_{e_k} n,
+
+with D the clean data at stage k's size and (gamma_t, sigma_t) the schedule
+(``pfm.pyramid.schedules``). Inside the stage (TPDiff Sec. 3.3-3.4, Algorithm 2):
+
+* flow matching: a complete flow between the endpoints, x̂_t = (1 - t') x̂_s + t' x̂_e with
+  t' = (t - s_k) / (e_k - s_k), target the velocity d x̂_t / d t' = x̂_e - x̂_s (TPDiff Eqs. 12-13,
+  Pyramidal Flow Eqs. 6, 11);
+* DDIM: the stage noise eps_k of TPDiff Eq. (11) and x_t on the DDIM path of Eq. (10), target eps_k.
+
+All functions are elementwise and broadcast, so they apply equally to a video ``[T, H, W, C]`` at
+stage k's size and to a packed token batch ``[B, L, P]`` whose window times are given per token
+(``[B, L, 1]``).
 """
 
 from __future__ import annotations
@@ -10,37 +23,80 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pfm.pyramid import schedules as schedules_lib
 
-def stage_endpoints(clean_end, clean_start, noise, s, e):
-  """Eqs. (9)-(10): the stage's end and start points, coupled through one noise ``n``.
+FLOW_MATCHING = schedules_lib.FlowMatching()
+
+
+def is_ddim(schedule: schedules_lib.Schedule) -> bool:
+  """True for the variance-preserving schedule, whose stages use TPDiff's DDIM equations."""
+  return isinstance(schedule, schedules_lib.VariancePreserving)
+
+
+def stage_endpoints(clean_end, clean_start, noise, s, e, schedule=FLOW_MATCHING):
+  """Pyramidal Flow Eqs. (9)-(10), TPDiff Eqs. (7)-(8): the stage's start and end points.
 
   Args:
-    clean_end: Down(x1, 2^k), the clean data at stage k's resolution; pixels in [-1, 1].
-    clean_start: Up(Down(x1, 2^(k+1))), same shape.
+    clean_end: D = Down(x, 2^k), the clean data at stage k's size; pixels in [-1, 1].
+    clean_start: Up(Down(D)), the start mean, same shape (zero at the coarsest stage, whose start
+      is pure noise for flow matching and nearly so for DDIM).
     noise: n ~ N(0, I), same shape.
     s, e: the stage window ``[s_k, e_k]``, broadcastable, 0 <= s < e <= 1.
+    schedule: the diffusion's coefficients.
 
   Returns:
-    ``(x_start, x_end)``: x̂_{s_k} = s Up(Down(x1)) + (1 - s) n and x̂_{e_k} = e Down(x1) + (1 - e) n.
+    ``(x_start, x_end)`` = (gamma_s U + sigma_s n, gamma_e D + sigma_e n).
   """
-  x_end = e * clean_end + (1.0 - e) * noise
-  x_start = s * clean_start + (1.0 - s) * noise
+  x_start = schedule.signal(s) * clean_start + schedule.noise(s) * noise
+  x_end = schedule.signal(e) * clean_end + schedule.noise(e) * noise
   return x_start, x_end
 
 
 def interpolate(x_start, x_end, t_local):
-  """Eq. (6): x̂_t = t' x̂_{e_k} + (1 - t') x̂_{s_k} for the rescaled time t' = (t - s_k)/(e_k - s_k)."""
+  """Flow matching, TPDiff Eq. (12) / Pyramidal Flow Eq. (6): x̂_t = (1 - t') x̂_s + t' x̂_e."""
   return t_local * x_end + (1.0 - t_local) * x_start
 
 
 def velocity_target(x_start, x_end):
-  """Eq. (11): the regression target u = x̂_{e_k} - x̂_{s_k}, the velocity d x̂_t / d t'."""
+  """Flow matching, TPDiff Eq. (13) / Pyramidal Flow Eq. (11): d x̂_t / d t' = x̂_e - x̂_s."""
   return x_end - x_start
+
+
+def stage_noise(x_start, x_end, s, e, schedule):
+  """DDIM, TPDiff Eq. (11): eps_k = (x̂_e / gamma_e - x̂_s / gamma_s) / (rho_e - rho_s).
+
+  With rho = sigma / gamma the noise-to-signal ratio. The stage's DDIM path is a straight line in
+  the coordinates (rho, x / gamma), and eps_k is its slope.
+  """
+  rho_s, rho_e = schedule.noise_to_signal(s), schedule.noise_to_signal(e)
+  return (x_end / schedule.signal(e) - x_start / schedule.signal(s)) / (rho_e - rho_s)
+
+
+def ddim_point(x_start, eps, t, s, schedule):
+  """DDIM, TPDiff Eq. (10): x_t = (gamma_t / gamma_s) x̂_s + gamma_t eps_k (rho_t - rho_s)."""
+  gamma_t = schedule.signal(t)
+  rho_t, rho_s = schedule.noise_to_signal(t), schedule.noise_to_signal(s)
+  return gamma_t / schedule.signal(s) * x_start + gamma_t * eps * (rho_t - rho_s)
 
 
 def global_time(t_local, s, e):
   """t = s_k + t' (e_k - s_k): the time in [0, 1] that conditions the model."""
   return s + t_local * (e - s)
+
+
+def stage_point(x_start, x_end, t_local, s, e, schedule=FLOW_MATCHING):
+  """x_t at rescaled stage time t' in [0, 1]: Eq. (12) for flow matching, Eq. (10) for DDIM."""
+  if not is_ddim(schedule):
+    return interpolate(x_start, x_end, t_local)
+  eps = stage_noise(x_start, x_end, s, e, schedule)
+  return ddim_point(x_start, eps, global_time(t_local, s, e), s, schedule)
+
+
+def stage_target(x_start, x_end, s, e, schedule=FLOW_MATCHING):
+  """The regression target of the stage: the velocity (Eq. 13) or eps_k (Eq. 11)."""
+  if not is_ddim(schedule):
+    return velocity_target(x_start, x_end)
+  return stage_noise(x_start, x_end, s, e, schedule)
 
 
 def sample_local_time(key, shape, distribution: str = "uniform", mean: float = 0.0,
@@ -50,8 +106,8 @@ def sample_local_time(key, shape, distribution: str = "uniform", mean: float = 0
   Args:
     key: a PRNG key.
     shape: output shape.
-    distribution: ``"uniform"`` (the paper) or ``"logit_normal"`` (t' = sigmoid(mean + std z), the
-      SD3 timestep density).
+    distribution: ``"uniform"`` (both papers) or ``"logit_normal"`` (t' = sigmoid(mean + std z),
+      the SD3 timestep density).
     mean, std: logit-normal parameters.
 
   Returns:
@@ -67,42 +123,71 @@ def sample_local_time(key, shape, distribution: str = "uniform", mean: float = 0
   raise ValueError(f"unknown time distribution {distribution!r}; use 'uniform' or 'logit_normal'")
 
 
-def velocity_from_clean(x_t, clean_end_hat, clean_start_hat, t_local, s, e,
-                        min_noise: float = 1e-6):
-  """The stage velocity implied by a prediction of the clean endpoint (x-prediction).
+def target_from_clean(x_t, clean_end_hat, clean_start_hat, t_local, s, e,
+                      schedule=FLOW_MATCHING, min_noise: float = 1e-6):
+  """The stage target implied by a prediction of the clean data (x-prediction).
 
-  On the coupled path x̂_t = m + (1 - t) n with m = t' e D + (1 - t') s U (Eqs. 6, 9, 10), a
-  prediction D̂ of D = Down(x1, 2^k) (and Û = Up(Down(D̂, 2)), the start mean it implies) gives
-  n̂ = (x̂_t - m̂) / (1 - t) and the Eq. (11) velocity v̂ = e D̂ - s Û - (e - s) n̂.
+  A prediction D̂ of D (and Û = Up(Down(D̂)), the start mean it implies) fixes the path's mean, so
+  the noise follows from x_t, and with it the target:
 
-  Predicting clean pixels rather than the velocity lets a network whose width is below the patch
+  * flow matching: x̂_t = m + sigma_path n with m = (1 - t') gamma_s Û + t' gamma_e D̂ and
+    sigma_path = (1 - t') sigma_s + t' sigma_e; the velocity is gamma_e D̂ - gamma_s Û +
+    (sigma_e - sigma_s) n̂ (Eq. 13 with the endpoints of Eqs. 9-10).
+  * DDIM: x_t / gamma_t = Û + w (D̂ - Û) + rho_t n with w = (rho_t - rho_s) / (rho_e - rho_s)
+    (Eqs. 10-11 with the same endpoints); eps_k = n̂ + (D̂ - Û) / (rho_e - rho_s).
+
+  Predicting clean pixels rather than the target lets a network whose width is below the patch
   dimension (p * p * 3) still denoise: the noise is recovered analytically instead of being carried
   through the network, which cannot pass a full-rank noise vector through a narrower bottleneck.
 
   Args:
-    x_t: x̂_t. clean_end_hat: D̂. clean_start_hat: Û. All the same shape.
+    x_t: the current point. clean_end_hat: D̂. clean_start_hat: Û. All the same shape.
     t_local: t' in [0, 1). s, e: the stage window (broadcastable).
-    min_noise: lower clip of 1 - t, guarding the division near t = 1.
+    schedule: the diffusion's coefficients.
+    min_noise: lower clip of the noise coefficient (sigma_path or rho_t) near t = 1.
 
   Returns:
-    v̂, the shape of ``x_t``.
+    the velocity (flow matching) or eps_k (DDIM), the shape of ``x_t``.
   """
+  gamma_s, gamma_e = schedule.signal(s), schedule.signal(e)
+  sigma_s, sigma_e = schedule.noise(s), schedule.noise(e)
+  if not is_ddim(schedule):
+    mean = (1.0 - t_local) * gamma_s * clean_start_hat + t_local * gamma_e * clean_end_hat
+    sigma_path = (1.0 - t_local) * sigma_s + t_local * sigma_e
+    noise = (x_t - mean) / jnp.maximum(sigma_path, min_noise)
+    return gamma_e * clean_end_hat - gamma_s * clean_start_hat + (sigma_e - sigma_s) * noise
   t = global_time(t_local, s, e)
-  mean = t_local * e * clean_end_hat + (1.0 - t_local) * s * clean_start_hat
-  noise = (x_t - mean) / jnp.maximum(1.0 - t, min_noise)
-  return e * clean_end_hat - s * clean_start_hat - (e - s) * noise
+  rho_s, rho_e, rho_t = (schedule.noise_to_signal(s), schedule.noise_to_signal(e),
+                         schedule.noise_to_signal(t))
+  w = (rho_t - rho_s) / (rho_e - rho_s)
+  diff = clean_end_hat - clean_start_hat
+  noise = (x_t / schedule.signal(t) - clean_start_hat - w * diff) / jnp.maximum(rho_t, min_noise)
+  return noise + diff / (rho_e - rho_s)
+
+
+def velocity_from_clean(x_t, clean_end_hat, clean_start_hat, t_local, s, e,
+                        min_noise: float = 1e-6):
+  """Flow matching's ``target_from_clean``: the Eq. (11) velocity implied by D̂ and Û."""
+  return target_from_clean(x_t, clean_end_hat, clean_start_hat, t_local, s, e, FLOW_MATCHING,
+                           min_noise)
+
+
+def exact_single_point_target(x, t, s, e, clean_end, clean_start, schedule=FLOW_MATCHING):
+  """The exact marginal target at x when the data distribution is a single point.
+
+  On the coupled path the noise is recovered from x̂_t, so the marginal target equals the
+  conditional one (``target_from_clean`` with the true D and U). Used to test samplers: Euler on a
+  straight flow path and DDIM on its (rho, x / gamma) line are exact, so a sampler driven by this
+  field must return the data point itself.
+
+  Args:
+    x: x̂_t at stage size. t: global time in [s, e), scalar or broadcastable.
+    s, e: the stage window. clean_end: D. clean_start: U (zero at the coarsest stage).
+    schedule: the diffusion's coefficients.
+  """
+  return target_from_clean(x, clean_end, clean_start, (t - s) / (e - s), s, e, schedule)
 
 
 def exact_single_point_velocity(x, t, s, e, clean_end, clean_start):
-  """The exact marginal velocity d x̂/dt' when the data distribution is a single point.
-
-  On the coupled path x̂_t = m(t) + (1 - t) n with m(t) = t' e D + (1 - t') s U (from Eqs. 6, 9, 10),
-  n is recovered from x̂_t, so the marginal velocity equals the conditional one,
-  u = e D - s U - (e - s) n (Eq. 11). Used to test samplers: Euler integration of a straight path
-  is exact, so a sampler driven by this field must return the data point itself.
-
-  Args:
-    x: x̂_t at stage resolution. t: global time in [s, e), scalar or broadcastable.
-    s, e: the stage window. clean_end: D = Down(x1, 2^k). clean_start: U = Up(Down(x1, 2^(k+1))).
-  """
-  return velocity_from_clean(x, clean_end, clean_start, (t - s) / (e - s), s, e)
+  """Flow matching's ``exact_single_point_target``."""
+  return exact_single_point_target(x, t, s, e, clean_end, clean_start)

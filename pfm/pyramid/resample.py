@@ -1,8 +1,13 @@
-"""Down and Up between pyramid levels (Pyramidal Flow Matching, Sec. 3.2).
+"""Down and Up between pyramid levels, in space and in time.
 
-Down(x, 2^k) is 2^k x 2^k average pooling (bilinear resampling at factor 1/2 applied k times);
-Up is nearest-neighbour upsampling by 2. Both act on the two spatial axes just before the
-channel axis, so they take images ``[..., H, W, C]`` and videos ``[..., T, H, W, C]`` alike.
+Space (Pyramidal Flow Matching, Sec. 3.2): Down(x, 2^k) is 2^k x 2^k average pooling (bilinear
+resampling at factor 1/2 applied k times); Up is nearest-neighbour upsampling. Both act on the two
+spatial axes just before the channel axis, so they take images ``[..., H, W, C]`` and videos
+``[..., T, H, W, C]`` alike.
+
+Time (TPDiff, Sec. 3.2-3.3): temporal Down averages groups of consecutive frames (frame pairs for
+a factor of 2), temporal Up duplicates frames (nearest neighbour). They act on axis -4 of videos
+``[..., T, H, W, C]``. ``down_video`` / ``up_video`` combine both: the spatiotemporal pyramid.
 
 The functions use only array methods (``reshape``, ``mean``, ``repeat``), so the same code runs on
 NumPy arrays in the data pipeline and on JAX arrays inside jitted steps: the data side and the
@@ -58,3 +63,50 @@ def level(x, k: int):
 def start_mean(x, k: int):
   """Up(Down(x, 2^(k+1))) at level k's resolution: the stage start mean of Eq. (8)."""
   return up(down(x, 2 ** (k + 1)), 2)
+
+
+def down_time(x, factor: int):
+  """Temporal Down: the mean of each group of ``factor`` consecutive frames.
+
+  Args:
+    x: video ``[..., T, H, W, C]`` (NumPy or JAX).
+    factor: integer >= 1; 1 returns ``x`` unchanged.
+
+  Returns:
+    ``[..., T / factor, H, W, C]``, same dtype.
+
+  Raises:
+    ValueError: if T is not divisible by ``factor``.
+  """
+  if factor == 1:
+    return x
+  *lead, t, h, w, c = x.shape
+  if t % factor:
+    raise ValueError(f"down_time: {t} frames are not divisible by {factor}")
+  return x.reshape(*lead, t // factor, factor, h, w, c).mean(axis=-4).astype(x.dtype)
+
+
+def up_time(x, factor: int = 2):
+  """Temporal Up: every frame repeated ``factor`` times, ``[..., T, H, W, C]`` -> ``[..., T *
+  factor, H, W, C]``."""
+  if factor == 1:
+    return x
+  return x.repeat(factor, axis=-4)
+
+
+def down_video(x, spatial: int = 1, temporal: int = 1):
+  """Down in space (``spatial x spatial`` pooling) and time (``temporal`` frames) at once.
+
+  Args:
+    x: ``[..., T, H, W, C]``; with ``temporal == 1`` images ``[..., H, W, C]`` work too.
+    spatial, temporal: integer factors >= 1.
+
+  Returns:
+    ``[..., T / temporal, H / spatial, W / spatial, C]``.
+  """
+  return down_time(down(x, spatial), temporal)
+
+
+def up_video(x, spatial: int = 1, temporal: int = 1):
+  """Nearest-neighbour Up in space and time: the inverse layout of ``down_video``."""
+  return up_time(up(x, spatial), temporal)

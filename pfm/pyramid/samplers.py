@@ -1,11 +1,12 @@
-"""Samplers for the spatial pyramid: Euler within a stage, renoising between stages.
+"""Samplers for any pyramid: Euler or DDIM within a stage, renoising between stages.
 
-Pyramidal Flow Matching, Algorithm 1. Samplers are pure functions of a ``velocity_fn``, so the same
-code is driven by the trained model (``pfm.sample``) and by an exact velocity field in tests.
+Pyramidal Flow Algorithm 1 and TPDiff Sec. 3.6. Samplers are pure functions of a ``model_fn``, so
+the same code is driven by the trained model (``pfm.sample``) and by an exact field in tests.
 
-``velocity_fn(x, t, k)`` receives the current latent x̂_t at stage k's resolution, the global time
-``t`` (a float32 scalar in [s_k, e_k), t = 0 noise, t = 1 data) and the static stage index ``k``,
-and returns the stage velocity d x̂_t / d t' (the Eq. 11 target), shape of ``x``.
+``model_fn(x, t, k)`` receives the current latent x̂_t at stage k's size, the global time ``t`` (a
+float32 scalar in [s_k, e_k), t = 0 noise, t = 1 data) and the static stage index ``k``, and
+returns the stage target, shape of ``x``: the velocity d x̂_t / d t' for flow matching (Pyramidal
+Flow Eq. 11, TPDiff Eq. 13), the stage noise eps_k for DDIM (TPDiff Eq. 11).
 """
 
 from __future__ import annotations
@@ -16,18 +17,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pfm.pyramid import renoise as renoise_lib
-from pfm.pyramid.windows import MIN_SPATIAL_GAMMA
+from pfm.pyramid import paths, stages
+from pfm.pyramid import schedules as schedules_lib
 
-VelocityFn = Callable[[jax.Array, jax.Array, int], jax.Array]
+ModelFn = Callable[[jax.Array, jax.Array, int], jax.Array]
 
 
-def euler_stage(velocity_fn: VelocityFn, x_start, k: int, start: float, end: float,
+def euler_stage(velocity_fn: ModelFn, x_start, k: int, start: float, end: float,
                 num_steps: int):
-  """Integrates one stage from x̂_{s_k} to x̂_{e_k} with ``num_steps`` uniform Euler steps in t'.
+  """Flow matching: ``num_steps`` uniform Euler steps in t' from x̂_{s_k} to x̂_{e_k}.
 
   Args:
-    velocity_fn: see the module docstring.
+    velocity_fn: ``model_fn`` returning the velocity (module docstring).
     x_start: x̂_{s_k}, any shape at stage k's resolution.
     k: stage index (static).
     start, end: the window ``[s_k, e_k]``.
@@ -48,39 +49,86 @@ def euler_stage(velocity_fn: VelocityFn, x_start, k: int, start: float, end: flo
   return jax.lax.fori_loop(0, num_steps, step, x_start)
 
 
-def sample_pyramid(velocity_fn: VelocityFn, key, shape: Sequence[int], windows: np.ndarray,
-                   steps_per_stage: Sequence[int], gamma: float = MIN_SPATIAL_GAMMA,
-                   dtype=jnp.float32):
-  """Algorithm 1: generate one frame unit through all K stages, coarsest first.
+def ddim_stage(eps_fn: ModelFn, x_start, k: int, start: float, end: float, num_steps: int,
+               schedule: schedules_lib.Schedule):
+  """DDIM inside one stage (TPDiff Sec. 3.4, its Eq. 3 with the stage noise of Eqs. 10-11).
+
+  ``num_steps`` uniform steps in t from ``start`` to ``end``; each moves along the stage's DDIM
+  path: x_{t2} = gamma_{t2} (x_{t1} / gamma_{t1} + eps (rho_{t2} - rho_{t1})), which is exact when
+  eps is the stage's constant eps_k.
 
   Args:
-    velocity_fn: see the module docstring.
+    eps_fn: ``(x, t, k) -> eps_k`` prediction, shape of ``x``.
+    x_start: x̂_{s_k}. k: stage index (static). start, end: the window.
+    num_steps: >= 1. schedule: the variance-preserving schedule.
+
+  Returns:
+    x̂_{e_k}, same shape and dtype as ``x_start``.
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  times = np.linspace(start, end, num_steps + 1)
+  gammas = jnp.asarray(schedule.signal(times), jnp.float32)
+  rhos = jnp.asarray(schedule.noise_to_signal(times), jnp.float32)
+  ts = jnp.asarray(times, jnp.float32)
+
+  def step(i, x):
+    eps = eps_fn(x, ts[i], k).astype(jnp.float32)
+    x_next = gammas[i + 1] * (x.astype(jnp.float32) / gammas[i] + eps * (rhos[i + 1] - rhos[i]))
+    return x_next.astype(x.dtype)
+
+  return jax.lax.fori_loop(0, num_steps, step, x_start)
+
+
+def integrate_stage(model_fn: ModelFn, x_start, k: int, start: float, end: float, num_steps: int,
+                    schedule: schedules_lib.Schedule = schedules_lib.FlowMatching()):
+  """Euler (flow matching) or DDIM (variance-preserving) from x̂_{s_k} to x̂_{e_k}."""
+  if paths.is_ddim(schedule):
+    return ddim_stage(model_fn, x_start, k, start, end, num_steps, schedule)
+  return euler_stage(model_fn, x_start, k, start, end, num_steps)
+
+
+def sample_pyramid(model_fn: ModelFn, key, shape: Sequence[int], pyramid: stages.Pyramid,
+                   steps_per_stage: Sequence[int], dtype=jnp.float32):
+  """Generates one sample through all K stages, coarsest first.
+
+  Pyramidal Flow Algorithm 1 for the spatial pyramid, TPDiff Sec. 3.6 for the temporal one, and
+  both at once for the spatiotemporal pyramid: integrate each stage (``integrate_stage``), then
+  renoise its end into the next stage's start (``pfm.pyramid.renoise``).
+
+  Args:
+    model_fn: see the module docstring.
     key: PRNG key for the initial noise and the corrective noise at each jump point.
-    shape: full-resolution shape ``[..., H, W, C]``.
-    windows: ``[K, 2]`` stage windows from :func:`pfm.pyramid.windows.stage_windows`.
-    steps_per_stage: Euler steps per stage in sampling order (coarsest stage first), e.g.
-      ``[20, 20, 20]``.
-    gamma: the block correlation the windows were derived with.
+    shape: full-size shape ``[..., T, H, W, C]``, or ``[..., H, W, C]`` for a pyramid without
+      temporal stages (one frame unit of the autoregressive mode).
+    pyramid: the stages (``pfm.pyramid.stages.Pyramid``).
+    steps_per_stage: steps per stage in sampling order (coarsest stage first), e.g. [10, 10, 10].
     dtype: latent dtype.
 
   Returns:
-    x̂_1, ``shape``; pixels in about [-1, 1] for a trained model.
+    the full-size sample, ``shape``; pixels in about [-1, 1] for a trained model.
+
+  Raises:
+    ValueError: for a wrong number of per-stage steps or a shape that the stages do not divide.
   """
-  windows = np.asarray(windows, np.float64)
-  num_stages = windows.shape[0]
+  num_stages = pyramid.num_stages
   if len(steps_per_stage) != num_stages:
     raise ValueError(
         f"steps_per_stage has {len(steps_per_stage)} entries for {num_stages} stages")
-  *lead, height, width, channels = shape
-  factor = 2 ** (num_stages - 1)
-  if height % factor or width % factor:
-    raise ValueError(f"{height}x{width} is not divisible by 2^(K-1) = {factor}")
+  *lead, height, width, _ = shape
+  fs, ft = pyramid.spatial_factors[-1], pyramid.temporal_factors[-1]
+  if height % fs or width % fs or (ft > 1 and (not lead or lead[-1] % ft)):
+    raise ValueError(f"shape {tuple(shape)} is not divisible by the coarsest stage's factors "
+                     f"(space {fs}, time {ft})")
+  schedule = pyramid.schedule
   keys = jax.random.split(key, num_stages)
-  coarse_shape = (*lead, height // factor, width // factor, channels)
-  x = jax.random.normal(keys[0], coarse_shape, dtype)  # x̂_{s_{K-1}} = x̂_0 ~ N(0, I)
+  start = pyramid.windows[-1][0]
+  # x̂_{s_{K-1}}: the coarsest stage starts from noise (its start mean is zero, see stages.py).
+  x = float(schedule.noise(start)) * jax.random.normal(
+      keys[0], pyramid.stage_shape(shape, num_stages - 1), dtype)
   for order, k in enumerate(range(num_stages - 1, -1, -1)):
-    start, end = windows[k]
-    if order > 0:  # jump point from stage k + 1 to stage k, Eq. (15)
-      x = renoise_lib.renoise(keys[order], x, float(start), float(windows[k + 1, 1]), gamma)
-    x = euler_stage(velocity_fn, x, k, float(start), float(end), int(steps_per_stage[order]))
+    start, end = pyramid.windows[k]
+    if order > 0:  # jump point from stage k + 1 into stage k
+      x = pyramid.renoise(keys[order], x, k)
+    x = integrate_stage(model_fn, x, k, start, end, int(steps_per_stage[order]), schedule)
   return x

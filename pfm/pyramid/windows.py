@@ -1,16 +1,21 @@
-"""Stage time windows and jump points of the spatial pyramid (Pyramidal Flow Matching, Sec. 3.2).
+"""Stage time windows and jump points of a pyramid (Pyramidal Flow Sec. 3.2, TPDiff Sec. 3.2).
 
-Stages are indexed as in the paper: stage k works at resolution ``H / 2^k``, so k = 0 is the
-full-resolution stage and k = K - 1 the coarsest. Sampling runs k = K-1, ..., 0. Stage k covers the
+Stages are indexed as in the pyramidal-flow paper: stage k works at the k-th level of the pyramid
+(resolution H / 2^k for the spatial pyramid, frame rate / 2^k for the temporal one), so k = 0 is
+the full-size stage and k = K - 1 the coarsest. Sampling runs k = K-1, ..., 0. Stage k covers the
 time window ``[s_k, e_k]`` (t = 0 noise, t = 1 data) with ``s_{K-1} = 0`` and ``e_0 = 1``.
+(TPDiff numbers its stages from 1 and runs time the other way; its stage k is our k - 1.)
 
 At a jump point the endpoint ``x̂_{e_{k+1}}`` of the coarser stage is upsampled and renoised into
 the start ``x̂_{s_k}`` of the next stage. Matching covariances for a block of upsampled elements
-whose corrective noise has in-block correlation ``gamma`` (Appendix A, Eqs. 21-25) ties the two
-times together: the noise-to-signal ratio sigma/alpha at ``e_{k+1}`` must be ``sqrt(-gamma / (1 -
-gamma))`` times the ratio at ``s_k``. For flow matching (signal t, noise 1 - t) this is Eq. (25),
-and for gamma = -1/3 Eq. (26): ``e_{k+1} = 2 s_k / (1 + s_k)``.
+whose corrective noise has in-block correlation ``gamma`` (Pyramidal Flow Appendix A, Eqs. 21-25;
+TPDiff Appendix A.1, Eqs. 18-20) ties the two times together: the noise-to-signal ratio
+rho = sigma/gamma_t at ``e_{k+1}`` must be ``sqrt(-gamma / (1 - gamma))`` times the ratio at
+``s_k``. This holds for any schedule (``pfm.pyramid.schedules``). For flow matching it is
+Pyramidal Flow Eq. (25), for gamma = -1/3 Eq. (26), ``e_{k+1} = 2 s_k / (1 + s_k)``, and for
+gamma = -1 TPDiff Eq. (21), ``e = sqrt(2) s / (1 - s + sqrt(2) s)``.
 """
+
 
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+
+from pfm.pyramid import schedules as schedules_lib
 
 MIN_SPATIAL_GAMMA = -1.0 / 3.0  # lower bound for a 2x2 block: Sigma' stays semidefinite (Eq. 14).
 
@@ -28,32 +35,62 @@ def min_gamma(block_size: int) -> float:
 
 
 def jump_ratio(gamma: float) -> float:
-  """sqrt(-gamma / (1 - gamma)): NSR(end of coarser stage) / NSR(start of next stage).
+  """sqrt(-gamma / (1 - gamma)): rho(end of coarser stage) / rho(start of next stage).
 
-  Derived from the diagonal and off-diagonal equations (23)-(24) of Appendix A. Equals 1/2 for the
-  spatial default gamma = -1/3.
+  Derived from the diagonal and off-diagonal equations of the covariance match (Pyramidal Flow
+  Eqs. 23-24, TPDiff Eqs. 18-19). 1/2 for the spatial gamma = -1/3, 1/sqrt(2) for the temporal
+  gamma = -1, 1/sqrt(m) for the smallest gamma -1/(m - 1) of any m-element block.
   """
+  if not -1.0 - 1e-12 <= gamma <= 0.0:
+    raise ValueError(f"gamma must lie in [-1, 0], got {gamma}")
   return math.sqrt(-gamma / (1.0 - gamma))
 
 
-def jump_end(start: float, gamma: float = MIN_SPATIAL_GAMMA) -> float:
-  """Eq. (25): e_{k+1} as a function of s_k for flow matching (= 2s/(1+s) at gamma = -1/3)."""
-  c = jump_ratio(gamma)
+def jump_end(start: float, gamma: float = MIN_SPATIAL_GAMMA,
+             schedule: schedules_lib.Schedule = schedules_lib.FlowMatching()) -> float:
+  """e_{k+1} for a given s_k: rho(e_{k+1}) = jump_ratio(gamma) * rho(s_k).
+
+  Flow matching: Pyramidal Flow Eq. (25) (= 2s/(1+s) at gamma = -1/3), TPDiff Eq. (21) at
+  gamma = -1. Any other schedule: the same relation on its noise-to-signal ratio.
+  """
   if start <= 0.0:
     return 0.0
-  return start / (start + c * (1.0 - start))
+  return float(schedule.time_at(jump_ratio(gamma) * schedule.noise_to_signal(float(start))))
 
 
-def jump_start(end: float, gamma: float = MIN_SPATIAL_GAMMA) -> float:
-  """Inverse of :func:`jump_end`: s_k given e_{k+1} (= e / (2 - e) at gamma = -1/3)."""
+def jump_start(end: float, gamma: float = MIN_SPATIAL_GAMMA,
+               schedule: schedules_lib.Schedule = schedules_lib.FlowMatching()) -> float:
+  """Inverse of :func:`jump_end`: s_k given e_{k+1} (= e / (2 - e) at gamma = -1/3, flow matching)."""
   c = jump_ratio(gamma)
-  return c * end / (c * end + 1.0 - end)
+  if c == 0.0 or end <= 0.0:
+    return 0.0
+  return float(schedule.time_at(schedule.noise_to_signal(float(end)) / c))
+
+
+def partition_boundaries(partition: Sequence[float]) -> tuple[float, ...]:
+  """Stage end times from TPDiff's partition of the time axis (Table 2: "1-1-1", "2-1-1", ...).
+
+  Args:
+    partition: K positive relative lengths in sampling order (coarsest stage first).
+
+  Returns:
+    the K - 1 ``boundaries`` of :func:`stage_windows`: cumulative fractions, e.g. (2, 1, 1) ->
+    (0.5, 0.75).
+
+  Raises:
+    ValueError: for a non-positive entry.
+  """
+  parts = np.asarray(partition, np.float64)
+  if parts.ndim != 1 or len(parts) < 1 or np.any(parts <= 0):
+    raise ValueError(f"a partition needs positive relative lengths, got {tuple(partition)}")
+  return tuple(float(b) for b in np.cumsum(parts)[:-1] / parts.sum())
 
 
 def stage_windows(
     num_stages: int,
     boundaries: Sequence[float] | None = None,
-    gamma: float = MIN_SPATIAL_GAMMA,
+    gamma: float | Sequence[float] = MIN_SPATIAL_GAMMA,
+    schedule: schedules_lib.Schedule = schedules_lib.FlowMatching(),
 ) -> np.ndarray:
   """Time windows ``[s_k, e_k]`` of all stages.
 
@@ -64,19 +101,25 @@ def stage_windows(
       the uniform split ``(1/K, 2/K, ...)``. The start of each finer stage follows from the jump
       point relation (Eq. 25), so windows overlap: for K = 3, uniform, gamma = -1/3 the windows
       are ``[0, 1/3], [0.2, 2/3], [0.5, 1]`` for k = 2, 1, 0.
-    gamma: in-block correlation of the corrective noise, in ``[-1/3, 0]``.
+    gamma: in-block correlation of the corrective noise, in ``[-1, 0]`` (its lower bound for a
+      given block, -1/(m - 1), is checked by ``pfm.pyramid.stages``): one value for every jump,
+      or K - 1 values in sampling order (the jump out of stage K - 1 first).
+    schedule: the diffusion's signal/noise coefficients (``pfm.pyramid.schedules``).
 
   Returns:
     float64 ``[K, 2]`` array; row k is ``(s_k, e_k)``.
 
   Raises:
     ValueError: for a wrong number of boundaries, boundaries outside (0, 1) or not increasing, or
-      gamma outside [-1/3, 0].
+      gamma outside [-1, 0].
   """
   if num_stages < 1:
     raise ValueError(f"num_stages must be >= 1, got {num_stages}")
-  if not MIN_SPATIAL_GAMMA - 1e-12 <= gamma <= 0.0:
-    raise ValueError(f"gamma must lie in [-1/3, 0], got {gamma}")
+  gammas = (list(gamma) if isinstance(gamma, Sequence) else [gamma] * (num_stages - 1))
+  if len(gammas) != num_stages - 1:
+    raise ValueError(f"need one gamma per jump ({num_stages - 1}), got {gamma}")
+  for g in gammas:
+    jump_ratio(g)  # checks the range
   if boundaries is None:
     boundaries = [j / num_stages for j in range(1, num_stages)]
   boundaries = [float(b) for b in boundaries]
@@ -90,5 +133,6 @@ def stage_windows(
   ends = [1.0] + boundaries[::-1]  # ends[k] = e_k: e_0 = 1, e_{K-1} = boundaries[0].
   for k in range(num_stages):
     windows[k, 1] = ends[k]
-    windows[k, 0] = 0.0 if k == num_stages - 1 else jump_start(ends[k + 1], gamma)
+    if k < num_stages - 1:  # the jump from stage k + 1 into stage k is gammas[K - 2 - k]
+      windows[k, 0] = jump_start(ends[k + 1], gammas[num_stages - 2 - k], schedule)
   return windows

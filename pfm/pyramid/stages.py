@@ -1,0 +1,196 @@
+"""A pyramid: its stages' sizes in space and time, their windows, jumps and diffusion form.
+
+One description serves the three pyramids of pfm:
+
+* spatial (Pyramidal Flow): stage k works at resolution H / 2^k, every jump is a 2x2 block;
+* temporal (TPDiff Sec. 3.2): stage k works at a reduced frame rate; the reduction schedule gives
+  the frame-rate factor of every jump (TPDiff Table 2: 2 per stage, 4, or the non-uniform 4-2 and
+  2-4, listed in sampling order, coarsest jump first), every jump is a block of duplicated frames;
+* spatiotemporal (beyond both papers): both at once, e.g. 2x2x2 blocks.
+
+Stage k = 0 is the full-size stage and k = K - 1 the coarsest (``pfm.pyramid.windows``). The
+windows follow from a partition of the time axis (TPDiff Table 2, "1-1-1", "2-1-1", "1-1-2") and
+the jump relation for each jump's block correlation gamma, which defaults to the smallest valid
+value -1/(m - 1) (Pyramidal Flow's -1/3 for 2x2, TPDiff's -1 for frame pairs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from pfm.pyramid import renoise as renoise_lib
+from pfm.pyramid import resample
+from pfm.pyramid import schedules as schedules_lib
+from pfm.pyramid import windows as windows_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Pyramid:
+  """Static description of a pyramid (hashable, so jit can close over it).
+
+  Attributes:
+    windows: ``((s_k, e_k), ...)`` for k = 0..K-1.
+    spatial_factors: stage k's spatial Down factor relative to full size (1 at k = 0).
+    temporal_factors: stage k's frame-rate reduction relative to full rate (1 at k = 0).
+    gammas: in-block correlation of the jump into stage k (from k + 1), k = 0..K-2.
+    diffusion: ``"flow_matching"`` or ``"ddim"``.
+  """
+
+  windows: tuple[tuple[float, float], ...]
+  spatial_factors: tuple[int, ...]
+  temporal_factors: tuple[int, ...]
+  gammas: tuple[float, ...]
+  diffusion: str = "flow_matching"
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.windows)
+
+  @property
+  def schedule(self) -> schedules_lib.Schedule:
+    return schedules_lib.get_schedule(self.diffusion)
+
+  def jump(self, k: int) -> tuple[int, int]:
+    """``(spatial, temporal)`` upsampling factors from stage k + 1 into stage k (k < K - 1)."""
+    return (self.spatial_factors[k + 1] // self.spatial_factors[k],
+            self.temporal_factors[k + 1] // self.temporal_factors[k])
+
+  def stage_shape(self, shape: Sequence[int], k: int) -> tuple[int, ...]:
+    """Stage k's size of a full-size video ``[T, H, W, C]`` (or image ``[H, W, C]``)."""
+    *lead, h, w, c = shape
+    fs = self.spatial_factors[k]
+    if lead:
+      lead[-1] //= self.temporal_factors[k]
+    return (*lead, h // fs, w // fs, c)
+
+  def level(self, x, k: int):
+    """The clean data at stage k: Down(x) by stage k's factors (Pyramidal Flow Eq. 7, TPDiff
+    Eq. 8 mean). ``x`` is full-size ``[..., T, H, W, C]`` (or an image, without temporal
+    reduction); NumPy or JAX."""
+    return resample.down_video(x, self.spatial_factors[k], self.temporal_factors[k])
+
+  def start_mean(self, clean_k, k: int):
+    """Up(Down(D_k)) across the jump into stage k: the start mean of stage k (Pyramidal Flow
+    Eq. 8, TPDiff Eq. 7), from ``clean_k`` = D_k at stage k's size. Zero at the coarsest stage:
+    the sampler starts it from N(0, sigma_{s_{K-1}}^2 I), so training does too."""
+    if k == self.num_stages - 1:
+      return clean_k * 0
+    fs, ft = self.jump(k)
+    return resample.up_video(resample.down_video(clean_k, fs, ft), fs, ft)
+
+  def temporal_positions(self, num_frames_k: int, k: int, consistent: bool = True) -> np.ndarray:
+    """RoPE temporal positions of stage k's frames: stage-consistent (TPDiff Eq. 14).
+
+    Frame j of a stage whose frames average ``f`` full-rate frames (temporal Down) stands for
+    full-rate frames f j .. f j + f - 1, so it gets their mean position f j + (f - 1) / 2; after
+    temporal Up the duplicated frames get f j, ..., f j + f - 1, whose mean it is. Eq. (14)
+    writes the same scaling as n 2^(m - i) for frames picked rather than averaged.
+
+    Args:
+      num_frames_k: frames at stage k.
+      k: the stage.
+      consistent: False gives 0, 1, 2, ... at every stage (the misaligned ablation).
+
+    Returns:
+      float32 ``[num_frames_k]``.
+    """
+    j = np.arange(num_frames_k, dtype=np.float64)
+    if not consistent:
+      return j.astype(np.float32)
+    f = self.temporal_factors[k]
+    return (f * j + (f - 1) / 2).astype(np.float32)
+
+  def renoise(self, key, x_end_coarse, k: int):
+    """The jump from stage k + 1 into stage k (``pfm.pyramid.renoise.renoise``)."""
+    fs, ft = self.jump(k)
+    return renoise_lib.renoise(key, x_end_coarse, self.windows[k][0], self.windows[k + 1][1],
+                               self.gammas[k], self.schedule, spatial=fs, temporal=ft)
+
+
+def parse_factors(schedule: str | Sequence[int] | int, num_jumps: int) -> tuple[int, ...]:
+  """A frame-rate reduction schedule in sampling order: "2" -> (2, 2), "4-2" -> (4, 2).
+
+  Args:
+    schedule: "" or None (no temporal pyramid: all 1), one factor for every jump ("2", 4), or
+      one per jump separated by "-" ("4-2"), coarsest jump first.
+    num_jumps: K - 1.
+
+  Raises:
+    ValueError: for a wrong count or a factor that is not a power of two >= 1.
+  """
+  if schedule in ("", None):
+    return (1,) * num_jumps
+  if isinstance(schedule, str):
+    parts = [int(p) for p in schedule.split("-")]
+  elif isinstance(schedule, int):
+    parts = [schedule]
+  else:
+    parts = [int(p) for p in schedule]
+  if len(parts) == 1:
+    parts = parts * num_jumps
+  if len(parts) != num_jumps or any(p < 1 or p & (p - 1) for p in parts):
+    raise ValueError(f"frame-rate schedule {schedule!r}: need 1 or {num_jumps} powers of two "
+                     "(one per jump, coarsest first)")
+  return tuple(parts)
+
+
+def parse_partition(partition: str | Sequence[float] | None, num_stages: int):
+  """"2-1-1" -> (2.0, 1.0, 1.0); "" or None -> uniform. Raises ValueError for a wrong count."""
+  if partition in ("", None):
+    return (1.0,) * num_stages
+  parts = ([float(p) for p in partition.split("-")] if isinstance(partition, str)
+           else [float(p) for p in partition])
+  if len(parts) != num_stages:
+    raise ValueError(f"partition {partition!r} needs {num_stages} parts, one per stage")
+  return tuple(parts)
+
+
+def make_pyramid(num_stages: int, *, spatial: bool = True, frame_rate_schedule="",
+                 partition=None, gamma: float | None = None,
+                 diffusion: str = "flow_matching") -> Pyramid:
+  """Builds a ``Pyramid``.
+
+  Args:
+    num_stages: K >= 1; K = 1 is vanilla full-size diffusion.
+    spatial: halve the resolution at every coarser stage (2x2 blocks).
+    frame_rate_schedule: temporal reduction per jump in sampling order (``parse_factors``); ""
+      for none.
+    partition: relative lengths of the stage windows in sampling order (``parse_partition``),
+      None/"" = uniform.
+    gamma: the in-block correlation of every jump's corrective noise; None = the smallest valid
+      value -1/(m - 1) of each jump's m-element block.
+    diffusion: ``"flow_matching"`` or ``"ddim"``.
+
+  Raises:
+    ValueError: if a jump changes neither size nor frame rate, a gamma is out of
+      [-1/(m - 1), 0] for its block, or the schedule / partition is malformed.
+  """
+  if num_stages < 1:
+    raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+  schedule = schedules_lib.get_schedule(diffusion)
+  num_jumps = num_stages - 1
+  temporal_jumps = parse_factors(frame_rate_schedule, num_jumps)[::-1]  # index: finer stage k
+  spatial_jump = 2 if spatial else 1
+  spatial_factors = tuple(spatial_jump**k for k in range(num_stages))
+  temporal_factors = tuple(int(np.prod(temporal_jumps[:k])) for k in range(num_stages))
+  gammas = []
+  for k in range(num_jumps):
+    m = renoise_lib.block_size(spatial_jump, temporal_jumps[k])
+    if m < 2:
+      raise ValueError(f"the jump into stage {k} changes neither resolution nor frame rate: a "
+                       f"pyramid of {num_stages} stages needs spatial=True or a frame-rate "
+                       "schedule")
+    lower = renoise_lib.min_block_gamma(spatial_jump, temporal_jumps[k])
+    g = lower if gamma is None else float(gamma)
+    if not lower - 1e-9 <= g <= 0.0:
+      raise ValueError(f"gamma={g} is outside [{lower:.4f}, 0] for the {m}-element blocks of the "
+                       f"jump into stage {k}")
+    gammas.append(g)
+  boundaries = windows_lib.partition_boundaries(parse_partition(partition, num_stages))
+  w = windows_lib.stage_windows(num_stages, boundaries, gammas[::-1], schedule)
+  return Pyramid(windows=tuple((float(s), float(e)) for s, e in w),
+                 spatial_factors=spatial_factors, temporal_factors=temporal_factors,
+                 gammas=tuple(gammas), diffusion=diffusion)
