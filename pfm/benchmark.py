@@ -6,6 +6,8 @@ r"""Speed measurements, each a ratio taken in one run on one machine.
 caption + history key/value cache (``MMDiT.encode_context`` / ``MMDiT.decode``), on the config's
 model with captions conditioned on their own clean level (the setting that allows the cache) and
 randomly perturbed initial weights (speed does not depend on training).
+``alignment``: milliseconds per ``pfm.data.alignment.align_noise`` call (host CPU, median) for
+batches of 4, 8 and 16 of the config's clips and of TPDiff's AnimateDiff latents, with Table A.1's.
 """
 
 from __future__ import annotations
@@ -41,7 +43,40 @@ def sample_cache(config, *, prompt: str = "a benchmark prompt", seed: int = 0) -
   return seconds | {"speedup": seconds["full_s"] / seconds["cached_s"]}
 
 
-BENCHMARKS = {"sample_cache": sample_cache}
+def alignment(config, *, repeats: int = 20, seed: int = 0) -> dict:
+  """Times TPDiff's data-noise alignment (``align_noise``, Algorithm 1) on the host CPU.
+
+  Per batch size B in (4, 8, 16) and per-sample size D in (the config's full-resolution clip,
+  ``num_frames * height * width * 3``; TPDiff's AnimateDiff latent, 16 x 4 x 64 x 64 = 262144):
+  float32 clean data U[-1, 1] and standard normal noise of shape [B, D]
+  (``np.random.default_rng(seed)``), one warm-up call, then the median of ``repeats`` calls.
+
+  Returns:
+    ``{"ms_batch{B}_d{D}": ms}`` for each pair, plus the paper's Table A.1 latencies
+    ``{"paper_ms_batch4": 5.1, "paper_ms_batch8": 9.6, "paper_ms_batch16": 17.8}`` (their
+    hardware and sample size, for reference), all floats.
+  """
+  from pfm.data import alignment as alignment_lib
+
+  data = config.data
+  sizes = dict.fromkeys((int(data.num_frames * data.height * data.width * 3), 16 * 4 * 64 * 64))
+  rng = np.random.default_rng(seed)
+  result = {}
+  for size in sizes:
+    for batch in (4, 8, 16):
+      clean = rng.uniform(-1, 1, (batch, size)).astype(np.float32)
+      noise = rng.standard_normal((batch, size), dtype=np.float32)
+      alignment_lib.align_noise(clean, noise)  # warm-up
+      seconds = []
+      for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        alignment_lib.align_noise(clean, noise)
+        seconds.append(time.perf_counter() - start)
+      result[f"ms_batch{batch}_d{size}"] = 1e3 * float(np.median(seconds))
+  return result | {"paper_ms_batch4": 5.1, "paper_ms_batch8": 9.6, "paper_ms_batch16": 17.8}
+
+
+BENCHMARKS = {"sample_cache": sample_cache, "alignment": alignment}
 
 
 def main(argv):
