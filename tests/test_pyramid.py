@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pfm.pyramid import paths, renoise, resample, samplers, windows
+from pfm.pyramid import paths, renoise, resample, samplers, stages, windows
 
 
 def eq25_end(s, gamma):
@@ -148,32 +148,31 @@ def test_local_time_distributions():
 @pytest.mark.parametrize("seed", [0, 1, 7])
 def test_sampler_with_exact_velocity_returns_the_data_point(gamma, seed):
   """Euler on straight coupled paths + Eq. (15) jumps must land exactly on x1, for any seed."""
-  num_stages = 3
-  w = windows.stage_windows(num_stages, gamma=gamma)
+  pyramid = stages.make_pyramid(3, gamma=gamma)
   x1 = jax.random.uniform(jax.random.key(100), (16, 16, 3), minval=-1, maxval=1)
 
   def velocity_fn(x, t, k):
-    s, e = w[k]
-    return paths.exact_single_point_velocity(
-        x, t, s, e, resample.level(x1, k), resample.start_mean(x1, k))
+    s, e = pyramid.windows[k]
+    clean = pyramid.level(x1, k)
+    return paths.exact_single_point_velocity(x, t, s, e, clean, pyramid.start_mean(clean, k))
 
   out = jax.jit(lambda key: samplers.sample_pyramid(
-      velocity_fn, key, x1.shape, w, [3, 5, 2], gamma))(jax.random.key(seed))
+      velocity_fn, key, x1.shape, pyramid, [3, 5, 2]))(jax.random.key(seed))
   np.testing.assert_allclose(out, x1, atol=1e-4)
 
 
 def test_sampler_is_bound_to_the_eq11_velocity_scale():
   """A field scaled by the window width instead of the Eq. (11) velocity must miss the data point: the test can fail."""
-  w = windows.stage_windows(3)
+  pyramid = stages.make_pyramid(3)
   x1 = jax.random.uniform(jax.random.key(100), (16, 16, 3), minval=-1, maxval=1)
 
   def velocity_fn(x, t, k):
-    s, e = w[k]
-    v = paths.exact_single_point_velocity(
-        x, t, s, e, resample.level(x1, k), resample.start_mean(x1, k))
+    s, e = pyramid.windows[k]
+    clean = pyramid.level(x1, k)
+    v = paths.exact_single_point_velocity(x, t, s, e, clean, pyramid.start_mean(clean, k))
     return v * (e - s)
 
-  out = samplers.sample_pyramid(velocity_fn, jax.random.key(0), x1.shape, w, [4, 4, 4])
+  out = samplers.sample_pyramid(velocity_fn, jax.random.key(0), x1.shape, pyramid, [4, 4, 4])
   assert float(jnp.abs(out - x1).max()) > 1e-1
 
 
