@@ -20,6 +20,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import default
+from pfm.pyramid import stages
 
 VARIANTS = ("ddim", "smoke")
 
@@ -33,7 +34,8 @@ def parse_variants(arg: str | None) -> set[str]:
 
 
 def full_sequence_config(arg: str | None, *, num_stages: int, spatial: bool,
-                         frame_rate_schedule: str) -> ml_collections.ConfigDict:
+                         frame_rate_schedule: str,
+                         partition: str = "") -> ml_collections.ConfigDict:
   """The full-sequence run: ``configs/default.py`` with whole clips and the given pyramid.
 
   Args:
@@ -41,6 +43,7 @@ def full_sequence_config(arg: str | None, *, num_stages: int, spatial: bool,
     num_stages: K; 1 = no pyramid.
     spatial: halve the resolution per coarser stage.
     frame_rate_schedule: frame-rate reduction per jump, coarsest first ("" = none, "2", "4-2").
+    partition: relative lengths of the stage windows, coarsest first ("" = uniform, "2-1-1").
   """
   variants = parse_variants(arg)
   smoke = "smoke" in variants
@@ -59,7 +62,7 @@ def full_sequence_config(arg: str | None, *, num_stages: int, spatial: bool,
   c.pyramid.num_stages = num_stages
   c.pyramid.spatial = spatial
   c.pyramid.frame_rate_schedule = frame_rate_schedule
-  c.pyramid.partition = ""                           # TPDiff Table 2: 1-1-1, 2-1-1, 1-1-2
+  c.pyramid.partition = partition                    # TPDiff Table 2: 1-1-1, 2-1-1, 1-1-2
   c.pyramid.stage_weights = (1.0,) * num_stages      # Algorithm 2: a stage uniformly at random
   c.pyramid.diffusion = "ddim" if "ddim" in variants else "flow_matching"
   # The network predicts clean pixels; the loss is still on the stage target (velocity, or
@@ -69,7 +72,8 @@ def full_sequence_config(arg: str | None, *, num_stages: int, spatial: bool,
   c.pyramid.stage_consistent_rope = True             # TPDiff Eq. 14
 
   c.sample.num_frames = 8
-  c.sample.steps_per_stage = (30 // num_stages,) * num_stages  # 30 steps in all (TPDiff Tab. 3)
+  # 30 steps in all (TPDiff Table 3), split over the stages as the partition splits the time axis.
+  c.sample.steps_per_stage = stages.split_steps(30, partition, num_stages)
   c.sample.guidance_scale = 4.0
 
   if smoke:

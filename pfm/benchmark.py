@@ -105,10 +105,8 @@ def _variant(config, spatial: bool, schedule: str, partition: str, total_steps: 
   c.pyramid.spatial, c.pyramid.frame_rate_schedule = spatial, schedule
   c.pyramid.partition = "" if vanilla else partition
   c.pyramid.stage_weights = (1.0,) * c.pyramid.num_stages
-  parts = np.asarray(stages.parse_partition(c.pyramid.partition, c.pyramid.num_stages))
-  steps = np.floor(total_steps * parts / parts.sum()).astype(int)
-  steps[0] += total_steps - steps.sum()  # coarsest stage first
-  c.sample.steps_per_stage = tuple(int(n) for n in steps)
+  c.sample.steps_per_stage = stages.split_steps(total_steps, c.pyramid.partition,
+                                                c.pyramid.num_stages)
   return c
 
 

@@ -134,25 +134,29 @@ CONFIGS = ["tpdiff", "pyramid_fullseq", "spatiotemporal"]
 
 def _smoke(name, arg):
   config = importlib.import_module(f"configs.{name}").get_config(arg)
-  config.train.num_steps = 4
-  config.train.checkpoint_every_steps = 4
-  config.train.sample_every_steps = 4
+  config.train.num_steps = 3
+  config.train.checkpoint_every_steps = 3
+  config.train.sample_every_steps = 3
   return config
 
 
 @pytest.mark.parametrize("arg", ["smoke", "ddim,smoke"])
 @pytest.mark.parametrize("name", CONFIGS)
 def test_pyramid_configs_train_and_sample(name, arg, tmp_path):
-  """Each config's smoke variant trains (finite loss), samples its clip and twice its length."""
+  """Each config's smoke variant trains (finite loss), samples twice its clip length (TPDiff
+  Appendix A.6); the first one also writes its training samples and prompt-to-video score."""
   config = _smoke(name, arg)
+  in_loop_samples = (name, arg) == (CONFIGS[0], "smoke")
+  if not in_loop_samples:
+    config.sample.num_videos = 0  # one sampler compilation per test is enough
   config_lib.validate(config)
   pyramid = config_lib.pyramid(config)
   assert pyramid.diffusion == ("ddim" if "ddim" in arg else "flow_matching")
   assert pyramid.num_stages == 3
   state = train.train_and_evaluate(config, str(tmp_path))
-  assert int(state["step"]) == 4
-  videos = sorted((tmp_path / "samples").glob("step_*/sample_0.mp4"))
-  assert videos, "no training sample written"
+  assert int(state["step"]) == 3
+  if in_loop_samples:
+    assert sorted((tmp_path / "samples").glob("step_*/sample_0.mp4"))
   graphdef, _ = train.abstract_state(config)
   sampler = sample_lib.Sampler(config, graphdef, state["ema_params"])
   t = config.data.num_frames

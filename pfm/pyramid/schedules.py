@@ -54,6 +54,8 @@ class FlowMatching:
     with np.errstate(divide="ignore"):
       return (1.0 - t) / t
 
+  max_noise_to_signal = math.inf
+
   def time_at(self, rho):
     """Inverse of ``noise_to_signal``: t = 1 / (1 + rho), for rho in [0, inf]."""
     return 1.0 / (1.0 + _xp(rho).asarray(rho))
@@ -78,6 +80,11 @@ class VariancePreserving:
   def _angle(self, t):
     return 0.5 * math.pi * (self._u0 + (1.0 - self._u0) * _xp(t).asarray(t))
 
+  @property
+  def max_noise_to_signal(self) -> float:
+    """rho at t = 0: sqrt((1 - min_alpha_bar) / min_alpha_bar)."""
+    return math.sqrt((1.0 - self.min_alpha_bar) / self.min_alpha_bar)
+
   def alpha_bar(self, t):
     """alpha_bar_t = sin^2(pi/2 (u_0 + (1 - u_0) t)), increasing from min_alpha_bar to 1."""
     return _xp(t).sin(self._angle(t)) ** 2
@@ -87,7 +94,7 @@ class VariancePreserving:
     return _xp(t).sin(self._angle(t))
 
   def noise(self, t):
-    """sigma_t = sqrt(1 - alpha_bar_t); exactly 0 at t = 1."""
+    """sigma_t = sqrt(1 - alpha_bar_t); 0 at t = 1 (up to rounding: 6e-17 in float64)."""
     xp = _xp(t)
     return xp.maximum(xp.cos(self._angle(t)), 0.0)
 
@@ -96,7 +103,10 @@ class VariancePreserving:
     return self.noise(t) / self.signal(t)
 
   def time_at(self, rho):
-    """Inverse of ``noise_to_signal``, clipped to [0, 1]: u = (2/pi) arccot(rho)."""
+    """Inverse of ``noise_to_signal``, clipped to [0, 1]: u = (2/pi) arccot(rho).
+
+    Ratios above ``max_noise_to_signal`` (beyond t = 0) clip to t = 0.
+    """
     xp = _xp(rho)
     u = 2.0 / math.pi * xp.arctan2(1.0, xp.asarray(rho))
     return xp.clip((u - self._u0) / (1.0 - self._u0), 0.0, 1.0)

@@ -148,6 +148,25 @@ def parse_partition(partition: str | Sequence[float] | None, num_stages: int):
   return tuple(parts)
 
 
+def split_steps(total_steps: int, partition, num_stages: int) -> tuple[int, ...]:
+  """Sampling steps per stage, coarsest first, in proportion to the partition of the time axis.
+
+  TPDiff samples a fixed total (30 in its Table 3) split over the stages as the partition splits
+  the trajectory: (30, "1-1-1") -> (10, 10, 10); (30, "2-1-1") -> (16, 7, 7). Rounding goes to the
+  coarsest stages, which are the cheapest.
+
+  Raises:
+    ValueError: if there are fewer steps than stages, or for a malformed partition.
+  """
+  if total_steps < num_stages:
+    raise ValueError(f"{total_steps} steps cannot cover {num_stages} stages")
+  parts = np.asarray(parse_partition(partition, num_stages))
+  steps = np.maximum(np.floor(total_steps * parts / parts.sum()).astype(int), 1)
+  for i in range(total_steps - int(steps.sum())):
+    steps[i % num_stages] += 1
+  return tuple(int(n) for n in steps)
+
+
 def make_pyramid(num_stages: int, *, spatial: bool = True, frame_rate_schedule="",
                  partition=None, gamma: float | None = None,
                  diffusion: str = "flow_matching") -> Pyramid:

@@ -64,7 +64,14 @@ def jump_start(end: float, gamma: float = MIN_SPATIAL_GAMMA,
   c = jump_ratio(gamma)
   if c == 0.0 or end <= 0.0:
     return 0.0
-  return float(schedule.time_at(schedule.noise_to_signal(float(end)) / c))
+  rho = float(schedule.noise_to_signal(float(end))) / c
+  if rho > schedule.max_noise_to_signal:
+    raise ValueError(
+        f"a stage ending at t={end:.4f} is too noisy to jump from with gamma={gamma:.4f}: the "
+        f"next stage would have to start at a noise-to-signal ratio {rho:.1f}, beyond the "
+        f"schedule's largest {schedule.max_noise_to_signal:.1f}; give the coarser stages a "
+        "longer part of the time axis (partition)")
+  return float(schedule.time_at(rho))
 
 
 def partition_boundaries(partition: Sequence[float]) -> tuple[float, ...]:
