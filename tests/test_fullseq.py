@@ -217,3 +217,30 @@ def test_full_sequence_config_errors_name_the_field(field, value, match):
 def test_unknown_config_variant():
   with pytest.raises(ValueError, match="unknown config variants"):
     importlib.import_module("configs.tpdiff").get_config("ddpm")
+
+
+def test_alignment_runs_per_host_shard():
+  """Each host's pipeline aligns its own batch: re-aligning it finds nothing left to swap."""
+  from pfm.data import alignment
+
+  config = vanilla.full_sequence_config("smoke", num_stages=3, spatial=False,
+                                        frame_rate_schedule="2")
+  config.data.batch_size = 4
+  noises = []
+  for shard in range(2):
+    batch = next(iter(pipeline.create_dataset(config, seed=0, shard_index=shard, shard_count=2)))
+    noises.append(batch["noise"])
+    segments = [(b, seg) for b in range(len(batch["segment_ids"]))
+                for seg in np.unique(batch["segment_ids"][b]) if seg > 0]
+    by_stage = {}
+    for b, seg in segments:
+      mask = batch["segment_ids"][b] == seg
+      by_stage.setdefault(int(batch["stage"][b][mask][0]), []).append(
+          (batch["clean_end"][b][mask], batch["noise"][b][mask]))
+    for members in by_stage.values():
+      if len(members) > 1:
+        clean = np.stack([c for c, _ in members])
+        noise = np.stack([n for _, n in members])
+        np.testing.assert_array_equal(alignment.align_noise(clean, noise),
+                                      np.arange(len(members)))
+  assert not np.allclose(noises[0], noises[1])
