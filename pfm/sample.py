@@ -112,7 +112,7 @@ class Sampler:
           for h in history]
 
     def model_fn(x, t, k):
-      hk, wk = height // 2**k, width // 2**k
+      hk, wk, _ = self._pyramid.stage_shape((height, width, 3), k)
       grid = layout.grid_positions((hk // p, wk // p), (hk // p, wk // p))
       current = dict(
           video_tokens=both(layout.patchify(x, p)), video_t=jnp.full((2, len(grid)), t),
