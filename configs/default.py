@@ -40,6 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.caption_length = 96    # bytes per caption, BOS included
   c.data.batch_size = 4         # packed rows per step (global)
   c.data.num_workers = 0        # grain worker processes; 0 = in the training process
+  # Data shards that make up each global batch (0 = one per process). Process p reads shards
+  # p*S/P .. (p+1)*S/P-1 only; fix it to keep the batches the same on any number of hosts.
+  c.data.num_shards = 0
 
   # Pyramid: K stages; the partition gives the relative lengths of their windows, coarsest
   # first ("" = uniform, "2-1-1", ...); starts follow the jump relation (paper Eq. 25).
@@ -62,7 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.variant = "XS"
   c.model.patch_size = 8
-  c.model.attention = "xla"
+  c.model.attention = "xla"     # xla (einsum, CPU) | cudnn (NVIDIA GPU) | splash (TPU)
+  c.model.param_dtype = "float32"
+  c.model.scan_layers = False     # stack the blocks and scan them: compile time flat in depth
+  c.model.remat_policy = "none"   # none | full | dots: what each block saves for the backward
   c.model.dtype = "float32"
   c.model.prediction = "clean"   # network output: clean pixels (x-prediction) or "velocity"
   # False: captions are conditioned on their own (clean) level, so sampling computes caption +
@@ -89,6 +95,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 500
   c.train.sample_every_steps = 1000
   c.train.max_checkpoints = 2
+  c.train.microbatches = 1        # gradient accumulation: the batch runs in this many pieces
+
+  # Device mesh (pfm/parallel.py): one size per axis, -1 = the devices left over. Batch rows are
+  # split over data x fsdp, parameters and optimizer state over fsdp (and tensor), attention heads
+  # and MLP units over tensor, the token axis over sequence. `rules` prepends
+  # (logical name, mesh axes) pairs to pfm.parallel.DEFAULT_RULES, e.g. (("embed", None),).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.sequence = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = ()
 
   # Sampling (also the defaults of `python -m pfm.sample`).
   c.sample = ml_collections.ConfigDict()
@@ -118,3 +136,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample.later_frame_steps = (1, 1, 1)
     c.sample.num_videos = 1
   return c
+
+
+def sweep(arg: str | None = None) -> list[dict[str, object]]:
+  """Ablation grid for ``python -m launch.sweep --config=configs/default.py[:ARG] ...``.
+
+  Learning rate (half, default, double) x stage partition: uniform windows ("") against TPDiff's
+  "2-1-1", which gives the nearly free coarsest stage half of the time axis. Both knobs change
+  what the one MM-DiT sees per stage, so they are worth tuning together. With ``:smoke`` only the
+  default learning rate is kept: two short runs that check the sweep end to end.
+  """
+  base = get_config(arg).optimizer.learning_rate
+  smoke = "smoke" in set(filter(None, (arg or "").split(",")))
+  learning_rates = (base,) if smoke else (base / 2, base, base * 2)
+  return [{"optimizer.learning_rate": lr, "pyramid.partition": partition}
+          for lr in learning_rates for partition in ("", "2-1-1")]

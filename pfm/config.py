@@ -108,6 +108,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("num_steps", "log_every_steps", "checkpoint_every_steps", "sample_every_steps"):
     if config.train[field] < 1:
       raise ValueError(f"config.train.{field} must be >= 1, got {config.train[field]}")
+  _validate_scale_out(config)
+
+
+def _validate_scale_out(config: ml_collections.ConfigDict) -> None:
+  """Mesh, rules, batch split and numerics: the parts that depend on the devices of the run."""
+  import jax
+
+  from pfm import parallel
+
+  sizes = parallel.mesh_shape(config)
+  parallel.logical_rules(config)
+  rows, batch_split = config.data.batch_size, sizes["data"] * sizes["fsdp"]
+  microbatches = int(config.train.get("microbatches", 1))
+  if microbatches < 1 or rows % microbatches:
+    raise ValueError(f"config.train.microbatches={microbatches} must be >= 1 and divide "
+                     f"config.data.batch_size={rows}")
+  if (rows // microbatches) % batch_split:
+    raise ValueError(
+        f"config.data.batch_size={rows} / config.train.microbatches={microbatches} rows per "
+        f"microbatch must be divisible by config.mesh data x fsdp = {batch_split}")
+  from pfm.data import pipeline
+
+  pipeline.data_shards(config, jax.process_count())
+  models.attention.check_backend(config.model.attention)
+  for field in ("dtype", "param_dtype"):
+    if config.model.get(field, "float32") not in ("float32", "bfloat16", "float16"):
+      raise ValueError(f"config.model.{field}={config.model[field]!r}: use float32, bfloat16 "
+                       "or float16")
 
 
 def flatten(config: ml_collections.ConfigDict) -> dict[str, object]:

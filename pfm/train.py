@@ -16,6 +16,7 @@ from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 from ml_collections import config_flags
 import numpy as np
 import optax
@@ -23,8 +24,10 @@ from flax import nnx
 
 from pfm import checkpointing
 from pfm import config as config_lib
+from pfm import distributed
 from pfm import models
 from pfm import objective
+from pfm import parallel
 from pfm.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -55,11 +58,17 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
 def build_model(config: ml_collections.ConfigDict, seed: int = 0) -> models.MMDiT:
   """The MM-DiT of ``config.model`` for ``3 * patch_size^2``-dim patch tokens."""
   m = config.model
+  optional = {name: m[name] for name in _OPTIONAL_MODEL_FIELDS if name in m}
   return models.build_model(
       models.model_config(m.variant, patch_size=m.patch_size, attention_backend=m.attention,
                           dtype=m.dtype,
-                          text_time_conditioning=m.get("text_time_conditioning", True)),
+                          text_time_conditioning=m.get("text_time_conditioning", True),
+                          **optional),
       rngs=nnx.Rngs(seed))
+
+
+# ``config.model`` fields passed to `MMDiTConfig` under the same name when a config has them.
+_OPTIONAL_MODEL_FIELDS = ("param_dtype",)
 
 
 def init_state(config: ml_collections.ConfigDict):
@@ -102,24 +111,80 @@ def objective_config(config) -> objective.ObjectiveConfig:
       spatial_jump=pyramid.spatial_factors[1] if pyramid.num_stages > 1 else 1)
 
 
+def microbatch_split(tree, microbatches: int):
+  """``[B, ...]`` leaves -> ``[microbatches, B / microbatches, ...]``; microbatch i = rows i::m.
+
+  Strided rows keep every device busy in every microbatch: the rows are sharded over the batch
+  mesh axes in contiguous blocks, and each block holds ``B / (devices * m)`` rows of each
+  microbatch.
+  """
+  def split(x):
+    x = x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, tree)
+
+
+def microbatch_merge(x: jax.Array) -> jax.Array:
+  """Inverse of `microbatch_split` for one ``[m, B / m, ...]`` array."""
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def loss_and_grads(params, batch, key, *, graphdef, obj: objective.ObjectiveConfig,
+                   microbatches: int = 1):
+  """The loss of a packed batch and its gradient with respect to ``params``.
+
+  With ``microbatches = m > 1`` the gradient is accumulated (float32, `jax.lax.scan`) over m
+  microbatches of ``B / m`` rows, so activations are held for one microbatch at a time. The noise,
+  times and per-token loss weights are drawn once for the whole batch before the split, and the
+  loss is a weighted sum whose weights are normalised over the whole batch, so the accumulated
+  loss and gradient equal the large batch's up to float summation order.
+
+  Args:
+    params: the model parameters (`nnx.State`).
+    batch: the packed batch (``pfm.data.pipeline``), rows ``B`` divisible by ``microbatches``.
+    key: the step's PRNG key (noise, times, caption dropout).
+
+  Returns:
+    ``(loss, err, weight, grads)``: the scalar loss, the per-token squared error and loss weight
+    ``[B, L]``, and the gradient (same structure as ``params``).
+  """
+  inputs, target, weight, path = objective.corrupt_packed_batch(key, batch, obj)
+
+  def loss_fn(params, inputs, target, weight, path):
+    model = nnx.merge(graphdef, params)
+    prediction = objective.to_target(model(**inputs), inputs, path, obj)
+    return objective.weighted_mse(prediction, target, weight)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if microbatches == 1:
+    (loss, err), grads = grad_fn(params, inputs, target, weight, path)
+    return loss, err, weight, grads
+
+  def accumulate(carry, microbatch):
+    (loss_mb, err_mb), grads_mb = grad_fn(params, *microbatch)
+    loss_sum, grad_sum = carry
+    return (loss_sum + loss_mb, jax.tree.map(jnp.add, grad_sum, grads_mb)), err_mb
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (loss, grads), err = jax.lax.scan(
+      accumulate, (jnp.zeros((), jnp.float32), zeros),
+      microbatch_split((inputs, target, weight, path), microbatches))
+  return loss, microbatch_merge(err), weight, grads
+
+
 def train_step(state, batch, *, graphdef, tx, obj: objective.ObjectiveConfig, ema_decay: float,
-               num_stages: int):
-  """One optimisation step on a packed batch. Pure; jit it with ``donate_argnums=0``.
+               num_stages: int, microbatches: int = 1):
+  """One optimisation step on a packed batch (`loss_and_grads`, AdamW, EMA). Pure; jit it with
+  ``donate_argnums=0``.
 
   Returns:
     ``(new_state, metrics)``; metrics are scalars: ``loss``, ``loss_stage{k}``, ``grad_norm``,
     ``finite`` (1.0 when loss and gradients are finite).
   """
   key = jax.random.fold_in(state["rng"], state["step"])
-  inputs, target, weight, path = objective.corrupt_packed_batch(key, batch, obj)
-
-  def loss_fn(params):
-    model = nnx.merge(graphdef, params)
-    prediction = objective.to_target(model(**inputs), inputs, path, obj)
-    loss, err = objective.weighted_mse(prediction, target, weight)
-    return loss, err
-
-  (loss, err), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  loss, err, weight, grads = loss_and_grads(
+      state["params"], batch, key, graphdef=graphdef, obj=obj, microbatches=microbatches)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -137,19 +202,55 @@ def train_step(state, batch, *, graphdef, tx, obj: objective.ObjectiveConfig, em
   return new_state, metrics
 
 
-def make_train_step(config, graphdef):
-  return jax.jit(
-      functools.partial(
-          train_step, graphdef=graphdef, tx=create_optimizer(config), obj=objective_config(config),
-          ema_decay=float(config.optimizer.ema_decay), num_stages=config.pyramid.num_stages),
-      donate_argnums=0)
+def make_train_step(config, graphdef, state_shardings=None):
+  """The jitted `train_step` of ``config`` (state donated).
+
+  Args:
+    state_shardings: the state's shardings (`pfm.parallel.named_shardings`) to keep the new state
+      in the same layout, or None (single device, or let XLA choose).
+  """
+  step = functools.partial(
+      train_step, graphdef=graphdef, tx=create_optimizer(config), obj=objective_config(config),
+      ema_decay=float(config.optimizer.ema_decay), num_stages=config.pyramid.num_stages,
+      microbatches=int(config.train.get("microbatches", 1)))
+  if state_shardings is None:
+    return jax.jit(step, donate_argnums=0)
+  return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None))
+
+
+def create_sharded_state(config, mesh: jax.sharding.Mesh, rules):
+  """The train state created directly in its sharded layout, never whole on one device.
+
+  ``jax.eval_shape`` gives the state's structure and logical names, the rules give each array's
+  sharding, and the initialiser runs jitted with those ``out_shardings``, so every device computes
+  only its own shards of the random initial parameters.
+
+  Returns:
+    ``(graphdef, state, shardings)``.
+  """
+  graphdef, abstract = abstract_state(config)
+  shardings = parallel.named_shardings(abstract, mesh, rules)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    state = jax.jit(lambda: init_state(config)[1], out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+def sharded_abstract_state(abstract, shardings):
+  """``jax.ShapeDtypeStruct`` leaves carrying their target shardings (for a sharded restore)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
 
 
 def _write_config(config, workdir):
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def resolve_workdir(workdir: str) -> str:
+  """A local workdir made absolute; a remote one (``gs://bucket/run``) as given."""
+  return workdir if "://" in workdir else os.path.abspath(workdir)
 
 
 def _mean_metrics(history):
@@ -169,29 +270,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   from pfm import sample as sample_lib
 
   config_lib.validate(config)
-  workdir = os.path.abspath(workdir)
+  mesh = parallel.create_mesh(config)
+  rules = parallel.logical_rules(config)
+  workdir = resolve_workdir(workdir)
   _write_config(config, workdir)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+  logging.info("Mesh %s over %d devices of %d processes (%s).", dict(mesh.shape),
+               jax.device_count(), jax.process_count(), jax.devices()[0].device_kind)
 
-  dataset = pipeline.create_dataset(
-      config, seed=config.seed, shard_index=jax.process_index(),
-      shard_count=jax.process_count())
-  data_iter = iter(dataset)
+  data_iter = pipeline.ProcessBatches(
+      config, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
 
-  graphdef, state = init_state(config)
+  graphdef, state, shardings = create_sharded_state(config, mesh, rules)
+  parallel.check_sharding(state, mesh, rules)
   parameter_overview.log_parameter_overview(
-      nnx.to_pure_dict(state["params"]), msg="MM-DiT parameters", include_stats=False)
+      nnx.to_pure_dict(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                    state["params"])),
+      msg="MM-DiT parameters", include_stats=False)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_checkpoints)
   if checkpointer.latest_step is not None:
-    state, restored = checkpointer.restore(state, data_iter)
+    target = sharded_abstract_state(abstract_state(config)[1], shardings)
+    state, restored = checkpointer.restore(target, data_iter)
+    parallel.check_sharding(state, mesh, rules)
     logging.info("Resumed from step %d in %s", restored, workdir)
   start_step = int(state["step"])
   last_good = checkpointer.latest_step
 
-  step_fn = make_train_step(config, graphdef)
+  step_fn = make_train_step(config, graphdef, shardings)
   schedule = learning_rate_schedule(config)
   num_steps = config.train.num_steps
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
@@ -205,7 +314,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       batch = next(data_iter)
     pad_fractions.append(pipeline.padding_fraction(batch))
     with report.timed("train_step", wait_jax_async_dispatch=False):
-      state, metrics = step_fn(state, batch)
+      with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        state, metrics = step_fn(state, parallel.global_batch(batch, mesh))
     pending.append(metrics)
     report(step)
     is_last = step == num_steps
@@ -229,7 +339,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       last_good = step
     if config.sample.num_videos and (step % config.train.sample_every_steps == 0 or is_last):
       with report.timed("sample"):
-        sampler = sample_lib.Sampler(config, graphdef, state["ema_params"])
+        sampler = sample_lib.Sampler(config, graphdef,
+                                     parallel.replicated(state["ema_params"], mesh))
         sample_lib.write_training_samples(sampler, config, workdir, step, writer)
   checkpointer.close()
   writer.flush()
@@ -248,6 +359,7 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   jax.config.update("jax_threefry_partitionable", True)
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   config = FLAGS.config
   train_and_evaluate(config, FLAGS.workdir)
 
@@ -255,5 +367,10 @@ def main(argv):
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0 for a multi-process run (or JAX_COORDINATOR_ADDRESS;"
+                      " detected on TPU slices and under SLURM).")
+  flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -218,9 +218,9 @@ def _to_batch_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return row
 
 
-def create_dataset(config, *, seed: int, shard_index: int = 0,
-                   shard_count: int = 1) -> grain.IterDataset:
-  """The packed training batches of this host, as a grain dataset.
+def create_dataset(config, *, seed: int, shard_index: int = 0, shard_count: int = 1,
+                   batch_size: int | None = None) -> grain.IterDataset:
+  """The packed training batches of one data shard, as a grain dataset.
 
   Args:
     config: ``ml_collections.ConfigDict`` with ``mode`` and ``data.{manifest, height, width, num_frames,
@@ -230,12 +230,13 @@ def create_dataset(config, *, seed: int, shard_index: int = 0,
       process), ``model.patch_size`` and ``pyramid.{num_stages, stage_weights, align_noise, ...}``
       (``pfm.config.pyramid``).
     seed: pipeline seed in [0, 2^32); the same seed gives the same batches.
-    shard_index: this host's index, in [0, shard_count).
-    shard_count: number of hosts reading disjoint shards.
+    shard_index: this shard's index, in [0, shard_count).
+    shard_count: number of disjoint shards of the records.
+    batch_size: rows per batch, default ``config.data.batch_size``.
 
   Returns:
     an infinite ``grain.IterDataset`` of dicts with the fields of the module docstring, each with
-    leading dimension ``config.data.batch_size``. ``iter(ds)`` supports ``get_state()`` and
+    leading dimension ``batch_size``. ``iter(ds)`` supports ``get_state()`` and
     ``set_state()``.
 
   Raises:
@@ -282,11 +283,74 @@ def create_dataset(config, *, seed: int, shard_index: int = 0,
       ds, length_struct=length_struct,
       num_packing_bins=data.get("num_packing_bins", 4 * data.batch_size),
       seed=seed, shuffle_bins=True)
-  ds = ds.map(_to_batch_row).batch(data.batch_size, drop_remainder=True)
+  ds = ds.map(_to_batch_row).batch(batch_size or data.batch_size, drop_remainder=True)
   if config.pyramid.get("align_noise", False):
     # Data-noise alignment (TPDiff Algorithm 1) on this host's batch.
     ds = ds.random_map(alignment.AlignNoise(), seed=seed)
   return ds
+
+
+def data_shards(config, process_count: int) -> int:
+  """Number of data shards: ``config.data.num_shards``, or one per process when it is 0.
+
+  Raises:
+    ValueError: naming ``config.data.num_shards`` / ``config.data.batch_size`` when the shards
+      do not split evenly over the processes or the global batch over the shards.
+  """
+  shards = int(config.data.get("num_shards", 0)) or process_count
+  if shards % process_count:
+    raise ValueError(f"config.data.num_shards={shards} is not a multiple of the {process_count} "
+                     "processes")
+  if config.data.batch_size % shards:
+    raise ValueError(f"config.data.batch_size={config.data.batch_size} (global rows) is not "
+                     f"divisible by the {shards} data shards (config.data.num_shards)")
+  return shards
+
+
+class ProcessBatches:
+  """This process's rows of each global batch, read from its data shards.
+
+  The global batch of ``config.data.batch_size`` rows is made of ``S = data_shards(config,
+  process_count)`` shard pipelines (`create_dataset`: records ``shard::S``, ``batch_size / S``
+  rows each); process ``p`` reads shards ``p S / P .. (p + 1) S / P - 1`` only and concatenates
+  them in shard order. With a fixed ``config.data.num_shards`` the global batches, and so the
+  training run, are the same on any number of processes, and the iterator state is kept per
+  shard (`shard_states`), so a checkpoint restores onto another number of processes with the
+  same data order (``pfm.checkpointing``).
+
+  Iterating yields dicts of numpy arrays with leading dimension ``batch_size / process_count``.
+
+  Raises:
+    ValueError: see `data_shards` and `create_dataset`.
+  """
+
+  def __init__(self, config, *, seed: int, process_index: int = 0, process_count: int = 1):
+    self.shard_count = data_shards(config, process_count)
+    per_process = self.shard_count // process_count
+    rows = config.data.batch_size // self.shard_count
+    self.shards = tuple(range(process_index * per_process, (process_index + 1) * per_process))
+    self._iterators = {
+        shard: iter(create_dataset(config, seed=seed, shard_index=shard,
+                                   shard_count=self.shard_count, batch_size=rows))
+        for shard in self.shards}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batches = [next(self._iterators[shard]) for shard in self.shards]
+    if len(batches) == 1:
+      return batches[0]
+    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+
+  def shard_states(self) -> dict[int, Any]:
+    """``{shard index: grain iterator state}`` of this process's shards (JSON-serialisable)."""
+    return {shard: self._iterators[shard].get_state() for shard in self.shards}
+
+  def set_shard_states(self, states: dict[int, Any]) -> None:
+    """Restores the iterators of this process's shards from `shard_states` output."""
+    for shard in self.shards:
+      self._iterators[shard].set_state(states[shard])
 
 
 def skip_counts() -> dict[str, int]:

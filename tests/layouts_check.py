@@ -1,0 +1,126 @@
+"""Loss and gradients of every parallel layout on 8 CPU devices, against one device.
+
+Run by ``tests/test_parallel.py`` in a subprocess (the device count is fixed when JAX starts):
+
+  JAX_NUM_CPU_DEVICES=8 python -m tests.layouts_check
+
+Prints one JSON object: per layout the loss, the largest gradient error relative to the largest
+gradient, the per-device share of the parameter bytes, and after two train steps the largest
+parameter difference; plus the outcome of the under-sharding checks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import default  # noqa: E402
+from pfm import parallel, train  # noqa: E402
+from pfm.data import pipeline  # noqa: E402
+
+# Mesh sizes per layout; "single" runs on the first device only.
+LAYOUTS = {
+  "single": dict(data=1),
+  "data": dict(data=8),
+  "fsdp": dict(data=1, fsdp=8),
+  "tensor": dict(data=4, tensor=2),
+  "sequence": dict(data=2, sequence=4),
+  "fsdp_sequence_tensor": dict(data=1, fsdp=2, sequence=2, tensor=2),
+}
+STEP_LAYOUTS = ("single", "fsdp_sequence_tensor")  # also run two full train steps
+
+
+def _config(layout):
+  config = default.get_config("smoke")
+  config.data.batch_size = 8
+  for axis in parallel.MESH_AXES:
+    config.mesh[axis] = layout.get(axis, 1)
+  return config
+
+
+def _host(tree):
+  return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+def run_layout(name, batches):
+  config = _config(LAYOUTS[name])
+  devices = jax.devices()[:1] if name == "single" else None
+  mesh = parallel.create_mesh(config, devices)
+  rules = parallel.logical_rules(config)
+  graphdef, state, shardings = train.create_sharded_state(config, mesh, rules)
+  parallel.check_sharding(state, mesh, rules, min_fsdp_bytes=1 << 14)
+  params_bytes = sum(x.nbytes for x in jax.tree.leaves(state["params"]))
+  per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state["params"]))
+  out = dict(mesh=dict(mesh.shape), param_share_per_device=per_device / params_bytes)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    grad_fn = jax.jit(functools.partial(
+      train.loss_and_grads, graphdef=graphdef, obj=train.objective_config(config)))
+    loss, _, _, grads = grad_fn(state["params"], parallel.global_batch(batches[0], mesh),
+                                jax.random.key(1))
+    out |= dict(loss=float(loss), grads=_host(grads))
+    if name in STEP_LAYOUTS:
+      step_fn = train.make_train_step(config, graphdef, shardings)
+      for batch in batches:
+        state, metrics = step_fn(state, parallel.global_batch(batch, mesh))
+      out |= dict(step_loss=float(metrics["loss"]), params=_host(state["params"]))
+  return out
+
+
+def under_sharding_errors(batch):
+  """The messages of `check_sharding` for two layouts that are less sharded than asked."""
+  del batch
+  messages = {}
+  config = _config(LAYOUTS["fsdp"])
+  mesh = parallel.create_mesh(config)
+  # 1. Rules that keep the embed axis replicated while the mesh asks for fsdp = 8.
+  config.mesh.rules = (("embed", None),)
+  rules = parallel.logical_rules(config)
+  _, state, _ = train.create_sharded_state(config, mesh, rules)
+  try:
+    parallel.check_sharding(state, mesh, rules, min_fsdp_bytes=1 << 14)
+  except ValueError as e:
+    messages["replicated_rules"] = str(e)
+  # 2. The right rules, but arrays that were replicated on the way (e.g. a jit without shardings).
+  rules = parallel.logical_rules(_config(LAYOUTS["fsdp"]))
+  _, state, _ = train.create_sharded_state(_config(LAYOUTS["fsdp"]), mesh, rules)
+  state = parallel.replicated(state, mesh)
+  try:
+    parallel.check_sharding(state, mesh, rules)
+  except ValueError as e:
+    messages["replicated_arrays"] = str(e)
+  return messages
+
+
+def main():
+  config = _config({})
+  data = pipeline.create_dataset(config, seed=0)
+  iterator = iter(data)
+  batches = [next(iterator) for _ in range(2)]
+  results = {name: run_layout(name, batches) for name in LAYOUTS}
+  reference = results["single"]
+  report = {}
+  for name, r in results.items():
+    scale = max(np.max(np.abs(g)) for g in reference["grads"])
+    entry = dict(
+      mesh=r["mesh"], loss=r["loss"], param_share_per_device=r["param_share_per_device"],
+      grad_error=max(float(np.max(np.abs(g - h))) for g, h in zip(r["grads"],
+                                                                 reference["grads"])) / scale)
+    if "params" in r:
+      entry["step_loss"] = r["step_loss"]
+      entry["param_error"] = max(float(np.max(np.abs(p - q))) for p, q in zip(
+        r["params"], reference["params"]))
+    report[name] = entry
+  report["under_sharding"] = under_sharding_errors(batches[0])
+  report["num_devices"] = jax.device_count()
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  main()
