@@ -360,6 +360,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   jax.config.update("jax_threefry_partitionable", True)
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if jax.process_index() > 0:  # one log for the run: process 0's; the others report problems
+    logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
   train_and_evaluate(config, FLAGS.workdir)
 
