@@ -66,6 +66,11 @@ def test_under_sharded_runs_fail(layouts):
   assert "the layout asks for" in messages["replicated_arrays"]
 
 
+def test_per_shard_attention_wrapper_is_exact(layouts):
+  """The shard_map wrapper of kernels XLA cannot partition (splash) keeps attention exact."""
+  assert layouts["per_shard_attention_error"] <= 1e-5
+
+
 def _mesh_config(**sizes):
   c = ml_collections.ConfigDict()
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1, rules=()))

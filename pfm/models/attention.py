@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from pfm.models.layers import linear_general, rms_norm
-from pfm.models.partitioning import with_logical_constraint
+from pfm.models.partitioning import current_rules, logical_to_mesh_axes, with_logical_constraint
 
 TEXT_FRAME = -1  # Frame index given to text tokens in joint attention.
 _HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
@@ -380,12 +380,45 @@ def splash_attention(
 
 
 AttentionFn = Callable[..., jax.Array]
+
+
+def per_shard(attention_fn: AttentionFn) -> AttentionFn:
+  """Runs a kernel that XLA cannot partition on each device's rows and heads (`jax.shard_map`).
+
+  A Pallas kernel is an opaque custom call to XLA's SPMD partitioner. Under a mesh with logical
+  axis rules (`jax.set_mesh` + `nnx.logical_axis_rules`) the wrapped function sees only its
+  device's batch rows (``activation_batch``) and heads (``activation_heads``) with whole token
+  sequences: a sequence-sharded input is gathered first, so attention stays exact. Without a
+  mesh or rules it is ``attention_fn`` itself.
+
+  Args:
+    attention_fn: ``fn(q, k, v, mask, *, scale) -> [B, Lq, H, D]``.
+
+  Returns:
+    a function of the same signature.
+  """
+  def wrapped(q, k, v, mask: MaskInfo, *, scale: float) -> jax.Array:
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = current_rules()
+    if mesh.empty or not rules:
+      return attention_fn(q, k, v, mask, scale=scale)
+    heads = logical_to_mesh_axes(
+      ("activation_batch", None, "activation_heads", None), rules, mesh.axis_names)
+    tokens = logical_to_mesh_axes(("activation_batch", None), rules, mesh.axis_names)
+    mask_specs = MaskInfo(tokens, tokens, tokens, tokens)
+    return jax.shard_map(
+      lambda q, k, v, m: attention_fn(q, k, v, m, scale=scale), mesh=mesh,
+      in_specs=(heads, heads, heads, mask_specs), out_specs=heads, check_vma=False)(q, k, v, mask)
+
+  return wrapped
+
+
 # Backend name -> fn(q, k, v, mask: MaskInfo, *, scale) -> [B, Lq, H, D].
 ATTENTION_BACKENDS: dict[str, AttentionFn] = {
   "xla": xla_attention,
   "dot_product": dot_product_xla_attention,
-  "cudnn": cudnn_attention,
-  "splash": splash_attention,
+  "cudnn": cudnn_attention,  # jax partitions cuDNN attention over batch and heads itself
+  "splash": per_shard(splash_attention),
 }
 # Backend name -> the `jax.default_backend()` platforms it runs on; absent: any platform.
 BACKEND_PLATFORMS: dict[str, tuple[str, ...]] = {
