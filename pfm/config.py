@@ -132,6 +132,12 @@ def _validate_scale_out(config: ml_collections.ConfigDict) -> None:
 
   pipeline.data_shards(config, jax.process_count())
   models.attention.check_backend(config.model.attention)
+  from pfm.models import mmdit
+
+  remat = config.model.get("remat_policy", "none")
+  if remat not in mmdit.REMAT_POLICY_NAMES:
+    raise ValueError(f"config.model.remat_policy={remat!r} is not one of "
+                     f"{mmdit.REMAT_POLICY_NAMES}")
   for field in ("dtype", "param_dtype"):
     if config.model.get(field, "float32") not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"config.model.{field}={config.model[field]!r}: use float32, bfloat16 "

@@ -68,7 +68,7 @@ def build_model(config: ml_collections.ConfigDict, seed: int = 0) -> models.MMDi
 
 
 # ``config.model`` fields passed to `MMDiTConfig` under the same name when a config has them.
-_OPTIONAL_MODEL_FIELDS = ("param_dtype",)
+_OPTIONAL_MODEL_FIELDS = ("param_dtype", "scan_layers", "remat_policy")
 
 
 def init_state(config: ml_collections.ConfigDict):

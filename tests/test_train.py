@@ -69,8 +69,11 @@ def test_killed_run_resumes_to_identical_parameters(uninterrupted, tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_train_step_compiles_once_for_all_stages(tmp_path):
+@pytest.mark.parametrize("scan_layers,remat_policy", [(False, "none"), (True, "dots")])
+def test_train_step_compiles_once_for_all_stages(scan_layers, remat_policy):
   config = smoke_config()
+  config.model.scan_layers = scan_layers
+  config.model.remat_policy = remat_policy
   from pfm.data import pipeline
   graphdef, state = train.init_state(config)
   step_fn = train.make_train_step(config, graphdef)

@@ -110,7 +110,7 @@ class MLPEmbedder(nnx.Module):
     in_features: int,
     width: int,
     *,
-    in_axis: str | None = None,
+    in_axis: str | None = "embed",
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,

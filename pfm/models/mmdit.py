@@ -12,13 +12,20 @@ initialised to zero so every block starts as the identity). Spatial positions en
 sinusoidal embedding added at the input; the temporal index enters as a 1-D RoPE in attention
 (text at position 0). The mask is blockwise causal over frame units within each packed sample
 (Sec. 3.4); see `pfm.models.attention`.
+
+Depth and memory: with `MMDiTConfig.scan_layers` the first depth - 1 (identical) blocks are
+stored stacked and run in one `jax.lax.scan`, so the traced program and compile time do not grow
+with depth; `MMDiTConfig.remat_policy` recomputes each block's activations in the backward pass
+(`jax.checkpoint`). With `dtype="bfloat16"` matmuls and activations are bfloat16 while
+parameters, normalisation statistics, attention logits/softmax, RoPE angles and the final layer
+stay float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -34,6 +41,30 @@ from pfm.models.text import TEXT_VOCAB_SIZE, ByteTextEncoder, segment_mean
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 _MOD = ("activation_batch", "activation_length", None, "activation_embed")
+
+# Logical name of the leading axis of stacked (scanned) block parameters.
+LAYER_AXIS = "layers"
+
+# Checkpoint policies of `MMDiTConfig.remat_policy` (see its docstring); "none" is no remat.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "dots_all": jax.checkpoint_policies.dots_saveable,
+}
+REMAT_POLICY_NAMES = ("none", *REMAT_POLICIES)
+
+
+def remat_policy(name: str) -> Callable[..., bool] | None:
+  """The `jax.checkpoint` policy named `name` (a key of `REMAT_POLICIES`), None for "none".
+
+  Raises:
+    ValueError: for a name outside `REMAT_POLICY_NAMES`.
+  """
+  if name == "none":
+    return None
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"Unknown remat_policy {name!r}; known: {list(REMAT_POLICY_NAMES)}.")
+  return REMAT_POLICIES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +91,33 @@ class MMDiTConfig:
     position_max_period: longest wavelength of the spatial sinusoidal embedding, patch units.
     rope_theta: base of the temporal RoPE.
     norm_epsilon: epsilon of the adaLN LayerNorms.
-    dtype: compute dtype name, e.g. "float32" or "bfloat16".
-    param_dtype: parameter dtype name.
+    dtype: compute dtype name, e.g. "float32" or "bfloat16": the dtype of matmuls and of the
+      activations between them. Normalisation statistics, attention logits and softmax, RoPE and
+      sinusoidal angles, and the final layer (hence the output) are float32 whatever it is.
+    param_dtype: parameter dtype name (keep "float32" for bfloat16 mixed precision: parameters,
+      their gradients and optimizer state stay float32).
     attention_backend: key of `pfm.models.attention.ATTENTION_BACKENDS`.
     text_time_conditioning: modulate the text stream with the segment's current noise level
       (SD3). With False a caption is conditioned on its own level, clean (t = 1), so caption and
       history tokens do not depend on the sampling time and their keys/values can be computed
       once per stage (`MMDiT.encode_context` / `MMDiT.decode`).
+    scan_layers: store the first depth - 1 joint blocks stacked, every parameter with a leading
+      axis of size depth - 1 named `LAYER_AXIS` ("layers"), and run them with one
+      `jax.lax.scan`, so trace and compile time do not grow with depth. The last block (its text
+      stream is pre-only) stays separate. Parameter paths change: `blocks/<i>/...` becomes
+      `blocks/...` (stacked, blocks 0..depth-2) and `last_block/...`; `stack_layers` /
+      `unstack_layers` convert between the layouts. Outputs are those of the unstacked model
+      with the same parameters (the initial values drawn from one seed differ between layouts).
+    remat_policy: gradient checkpointing of every joint block (`jax.checkpoint`), by name:
+      "none": no checkpointing, the backward pass reads every saved activation;
+      "full": save only each block's inputs and recompute the whole block in the backward pass
+      (least memory, about one extra forward of the blocks);
+      "dots": save the outputs of matmuls without batch dimensions (the QKV, output, MLP and
+      modulation projections) and recompute the rest (norms, activations, attention);
+      "dots_all": save every matmul output, the float32 attention logits [B, H, Lq, Lk] and the
+      attention-weighted values included (more memory than "dots", less recomputation).
+      Values and gradients do not depend on the policy. Unknown names raise ValueError when the
+      model is built.
   """
 
   patch_size: int = 2
@@ -90,6 +141,8 @@ class MMDiTConfig:
   param_dtype: str = "float32"
   attention_backend: str = "xla"
   text_time_conditioning: bool = True
+  scan_layers: bool = False
+  remat_policy: str = "none"
 
   @property
   def patch_dim(self) -> int:
@@ -128,10 +181,13 @@ class ContextCache:
   """Per-block keys/values of context tokens (captions + clean history) and their metadata.
 
   Attributes:
-    kv: per block, (keys [B, Lc, H, Dh] with RoPE applied, values [B, Lc, H, Dh]).
+    kv: per unstacked block, in order, (keys [B, Lc, H, Dh] with RoPE applied, values
+      [B, Lc, H, Dh]): every block, or with `scan_layers` only the last one.
     segment_ids, frames: int32 [B, Lc] mask metadata of the context ([text; history]).
     pooled_text: [B, Lt, D] pooled caption embedding at each text token.
     text_segment_ids: int32 [B, Lt].
+    stacked_kv: with `scan_layers` and depth > 1, (keys, values) of the stacked blocks
+      0..depth-2, each [depth - 1, B, Lc, H, Dh]; otherwise None. They precede `kv`.
   """
 
   kv: tuple[tuple[jax.Array, jax.Array], ...]
@@ -139,6 +195,7 @@ class ContextCache:
   frames: jax.Array
   pooled_text: jax.Array
   text_segment_ids: jax.Array
+  stacked_kv: tuple[jax.Array, jax.Array] | None = None
 
 
 class StreamBlock(nnx.Module):
@@ -250,12 +307,152 @@ class JointBlock(nnx.Module):
     return self.video.post_attention(x_video, a, mod_v)
 
 
+# -- stacked (scanned) blocks ----------------------------------------------------------------------
+# Initialisation uses NNX's lifted vmap, whose `transform_metadata` (applied by the graph-mode
+# transforms only, hence graph=True, graph_updates=True) names the stacked axis. The forward pass
+# uses plain `jax.lax.scan` / `jax.checkpoint` over the blocks' split state instead of the lifted
+# transforms: those refuse modules whose arrays come from an enclosing trace, which is how the
+# sampler calls the model (merged under `jax.jit`, run inside a `fori_loop`). Blocks hold no
+# mutable state, so nothing has to be written back.
+_GRAPH = {"graph": True, "graph_updates": True}
+
+
+def _stacked_blocks(config: MMDiTConfig, num: int, rngs: nnx.Rngs) -> JointBlock:
+  """`num` full (not pre-only) joint blocks as one module, parameters stacked on axis 0.
+
+  Every block draws its own parameters (the RNG streams are split `num` ways); each parameter's
+  logical names gain `LAYER_AXIS` in front.
+  """
+
+  @nnx.split_rngs(splits=num, **_GRAPH)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num,
+            transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS}, **_GRAPH)
+  def create(rngs: nnx.Rngs) -> JointBlock:
+    return JointBlock(config, rngs=rngs)
+
+  return create(rngs)
+
+
+def _drop_layer_axis(state: nnx.State) -> nnx.State:
+  """One layer's slice of stacked block state: `LAYER_AXIS` removed from the logical names."""
+
+  def drop(v):
+    names = v.get_metadata().get("out_sharding")
+    if names and names[0] == LAYER_AXIS:
+      return v.copy(out_sharding=tuple(names[1:]))
+    return v
+
+  return jax.tree.map(drop, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def _block_fn(graphdef: nnx.GraphDef, policy: str, *, prevent_cse: bool):
+  """fn(block_state, *args) = block(*args), under `jax.checkpoint` unless policy is "none"."""
+
+  def fn(state, *args):
+    return nnx.merge(graphdef, state)(*args)
+
+  if policy == "none":
+    return fn
+  return jax.checkpoint(fn, policy=remat_policy(policy), prevent_cse=prevent_cse)
+
+
+def _call_block(block: JointBlock, x_text, c_text, x_video, c_video, angles, mask, *,
+                remat: str):
+  """`block(...)` (see `JointBlock.__call__`), rematerialised with the named policy."""
+  if remat == "none":
+    return block(x_text, c_text, x_video, c_video, angles, mask)
+  graphdef, state = nnx.split(block)
+  fn = _block_fn(graphdef, remat, prevent_cse=True)
+  return fn(state, x_text, c_text, x_video, c_video, angles, mask)
+
+
+def _scan_blocks(blocks, x_text, c_text, x_video, c_video, angles, mask, *, remat: str,
+                 collect_kv: bool):
+  """Runs stacked joint blocks in order with `jax.lax.scan` (see `JointBlock.__call__`).
+
+  Returns:
+    (x_text, x_video, stacked_kv): the streams after the last stacked block, and with
+    `collect_kv` the keys/values of every stacked block, each [n, B, Lt + L, H, Dh]
+    (else None).
+  """
+  graphdef, state = nnx.split(blocks)
+  # The scan already keeps the recomputation apart from the forward pass: no CSE barrier needed.
+  fn = _block_fn(graphdef, remat, prevent_cse=False)
+
+  def body(carry, layer_state):
+    x_text, x_video = carry
+    x_text, x_video, kv = fn(
+      _drop_layer_axis(layer_state), x_text, c_text, x_video, c_video, angles, mask)
+    return (x_text, x_video), (kv if collect_kv else None)
+
+  (x_text, x_video), stacked_kv = jax.lax.scan(body, (x_text, x_video), state)
+  return x_text, x_video, stacked_kv
+
+
+def _scan_decode(blocks, x_video, c_video, angles, mask, stacked_kv):
+  """`JointBlock.decode` of stacked blocks in order; stacked_kv: ([n, B, Lc, H, Dh],) * 2."""
+  graphdef, state = nnx.split(blocks)
+
+  def body(x_video, xs):
+    layer_state, kv = xs
+    block = nnx.merge(graphdef, _drop_layer_axis(layer_state))
+    return block.decode(x_video, c_video, angles, mask, kv), None
+
+  x_video, _ = jax.lax.scan(body, x_video, (state, stacked_kv))
+  return x_video
+
+
+def _child(tree: Mapping[Any, Any], index: int) -> Any:
+  """tree[index], also when a restored checkpoint spells the integer key as a string."""
+  return tree[index] if index in tree else tree[str(index)]
+
+
+def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Parameters of an unstacked `MMDiT` in the layout of `scan_layers=True`.
+
+  Args:
+    params: nested mapping of arrays laid out as `nnx.to_pure_dict(nnx.state(model, nnx.Param))`
+      of a model with `scan_layers=False` (top-level "blocks" with keys 0..depth-1, ints or
+      their strings); any pytree of params-shaped leaves per block (e.g. optimizer moments)
+      works the same.
+
+  Returns:
+    the same tree with "blocks" replaced by "blocks" = blocks 0..depth-2 stacked on a new leading
+    axis (absent for depth 1) and "last_block" = block depth-1. Load it into a model with
+    `nnx.replace_by_pure_dict(nnx.state(model, nnx.Param), stacked)` then `nnx.update`.
+  """
+  blocks = params["blocks"]
+  depth = len(blocks)
+  out = {k: v for k, v in params.items() if k != "blocks"}
+  if depth > 1:
+    out["blocks"] = jax.tree.map(
+      lambda *xs: jnp.stack(xs), *[_child(blocks, i) for i in range(depth - 1)])
+  out["last_block"] = _child(blocks, depth - 1)
+  return out
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Inverse of `stack_layers`: scan-layout parameters -> "blocks" with keys 0..depth-1."""
+  out = {k: v for k, v in params.items() if k not in ("blocks", "last_block")}
+  stacked = params.get("blocks")
+  blocks = {}
+  if stacked is not None:
+    num = jax.tree.leaves(stacked)[0].shape[0]
+    blocks = {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num)}
+  blocks[len(blocks)] = params["last_block"]
+  out["blocks"] = blocks
+  return out
+
+
 class FinalLayer(nnx.Module):
-  """adaLN-modulated LayerNorm and a zero-initialised Linear to the patch features."""
+  """adaLN-modulated LayerNorm and a zero-initialised Linear to the patch features.
+
+  Computed in float32 whatever the model's compute dtype: it is one small matmul per token, and
+  the velocity it produces is regressed directly.
+  """
 
   def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs):
-    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=jnp.float32, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
     self.epsilon = config.norm_epsilon
     self.modulation = linear_general(
       config.width, (2, config.width), ("embed", None, "mlp"), kernel_init=zeros, **kw)
@@ -263,7 +460,8 @@ class FinalLayer(nnx.Module):
       config.width, config.patch_dim, ("embed", None), kernel_init=zeros, **kw)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-    """x, c: [B, L, D] -> [B, L, patch_dim] in the compute dtype."""
+    """x, c: [B, L, D] any float dtype -> float32 [B, L, patch_dim]."""
+    x, c = x.astype(jnp.float32), c.astype(jnp.float32)
     mod = self.modulation(jax.nn.silu(c))
     h = layer_norm_no_affine(x, self.epsilon) * (1 + mod[:, :, 1]) + mod[:, :, 0]
     return self.linear(h)
@@ -274,6 +472,13 @@ class MMDiT(nnx.Module):
 
   Source: Pyramidal Flow (Jin et al., ICLR 2025) Sec. 4.1 and Appendix B, on the MM-DiT of
   SD3-Medium (Esser et al., 2024); blockwise causal attention of Sec. 3.4.
+
+  Joint blocks: `blocks`, an `nnx.List` of `depth` `JointBlock`s (the last one's text stream
+  pre-only); with `config.scan_layers`, `blocks` is one `JointBlock` holding blocks 0..depth-2
+  stacked on a leading "layers" axis (None for depth 1) and `last_block` the last block.
+
+  Raises:
+    ValueError: on inconsistent sizes, no text input, depth < 1 or an unknown remat_policy.
   """
 
   def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs):
@@ -283,6 +488,9 @@ class MMDiT(nnx.Module):
       raise ValueError("width must be a multiple of 4 (2-D sinusoidal embedding).")
     if config.text_depth == 0 and config.text_embed_dim is None:
       raise ValueError("Set text_depth > 0 or text_embed_dim: the model needs a text input.")
+    if config.depth < 1:
+      raise ValueError(f"depth must be at least 1, got {config.depth}.")
+    remat_policy(config.remat_policy)  # Validates the name.
     self.config = config
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     self.dtype = dtype
@@ -306,10 +514,14 @@ class MMDiT(nnx.Module):
       self.text_projection = None
     self.context_embed = linear(config.text_width, width, (None, "embed"), **kw)
     self.pooled_text_embed = MLPEmbedder(config.text_width, width, **kw)
-    self.blocks = nnx.List([
-      JointBlock(config, text_pre_only=(i == config.depth - 1), rngs=rngs)
-      for i in range(config.depth)
-    ])
+    if config.scan_layers:
+      self.blocks = _stacked_blocks(config, config.depth - 1, rngs) if config.depth > 1 else None
+      self.last_block = JointBlock(config, text_pre_only=True, rngs=rngs)
+    else:
+      self.blocks = nnx.List([
+        JointBlock(config, text_pre_only=(i == config.depth - 1), rngs=rngs)
+        for i in range(config.depth)
+      ])
     self.final_layer = FinalLayer(config, rngs=rngs)
 
   def encode_text(
@@ -372,10 +584,9 @@ class MMDiT(nnx.Module):
     Raises:
       ValueError: if text_segment_ids or text_t is missing, or on a text input mismatch.
     """
-    context, x_video, c_video = self._forward(
+    _, x_video, c_video = self._forward(
       video_tokens, video_t, video_segment_ids, frame_index, positions, text_tokens,
-      text_segment_ids, text_t, text_embeddings, temporal_positions)
-    del context
+      text_segment_ids, text_t, text_embeddings, temporal_positions, collect_kv=False)
     return self._output(x_video, c_video, video_segment_ids)
 
   def encode_context(
@@ -405,7 +616,7 @@ class MMDiT(nnx.Module):
     """
     context, _, _ = self._forward(
       video_tokens, video_t, video_segment_ids, frame_index, positions, text_tokens,
-      text_segment_ids, text_t, text_embeddings, temporal_positions)
+      text_segment_ids, text_t, text_embeddings, temporal_positions, collect_kv=True)
     return context
 
   def decode(
@@ -433,8 +644,13 @@ class MMDiT(nnx.Module):
       jnp.concatenate([context.frames, frame_index], 1))
     angles = rope_angles(frame_index if temporal_positions is None else temporal_positions,
                          config.head_dim, config.rope_theta)
-    for block, kv in zip(self.blocks, context.kv):
-      x_video = block.decode(x_video, c_video, angles, mask, kv)
+    if config.scan_layers:
+      if self.blocks is not None:
+        x_video = _scan_decode(self.blocks, x_video, c_video, angles, mask, context.stacked_kv)
+      x_video = self.last_block.decode(x_video, c_video, angles, mask, context.kv[0])
+    else:
+      for block, kv in zip(self.blocks, context.kv):
+        x_video = block.decode(x_video, c_video, angles, mask, kv)
     return self._output(x_video, c_video, video_segment_ids)
 
   # -- shared pieces ---------------------------------------------------------------------------
@@ -450,8 +666,12 @@ class MMDiT(nnx.Module):
     return (with_logical_constraint(x_video, _ACT), with_logical_constraint(c_video, _ACT))
 
   def _forward(self, video_tokens, video_t, video_segment_ids, frame_index, positions,
-               text_tokens, text_segment_ids, text_t, text_embeddings, temporal_positions=None):
-    """All blocks over [text; video] -> (ContextCache of every token, x_video, c_video)."""
+               text_tokens, text_segment_ids, text_t, text_embeddings, temporal_positions=None,
+               *, collect_kv: bool):
+    """All blocks over [text; video] -> (ContextCache of every token, x_video, c_video).
+
+    Without `collect_kv` the per-block keys/values are not kept (the cache holds none).
+    """
     if text_segment_ids is None or text_t is None:
       raise ValueError("text_segment_ids and text_t are required.")
     config = self.config
@@ -481,12 +701,23 @@ class MMDiT(nnx.Module):
                        temporal_positions.astype(jnp.float32)], axis=1),
       config.head_dim, config.rope_theta)
 
-    kv = []
-    for block in self.blocks:
-      x_text, x_video, block_kv = block(x_text, c_text, x_video, c_video, angles, mask)
-      kv.append(block_kv)
+    kv, stacked_kv = [], None
+    if config.scan_layers:
+      unstacked = [self.last_block]
+      if self.blocks is not None:
+        x_text, x_video, stacked_kv = _scan_blocks(
+          self.blocks, x_text, c_text, x_video, c_video, angles, mask,
+          remat=config.remat_policy, collect_kv=collect_kv)
+    else:
+      unstacked = list(self.blocks)
+    for block in unstacked:
+      x_text, x_video, block_kv = _call_block(
+        block, x_text, c_text, x_video, c_video, angles, mask, remat=config.remat_policy)
+      if collect_kv:
+        kv.append(block_kv)
     context = ContextCache(kv=tuple(kv), segment_ids=segment_ids, frames=frames,
-                           pooled_text=pooled, text_segment_ids=text_segment_ids)
+                           pooled_text=pooled, text_segment_ids=text_segment_ids,
+                           stacked_kv=stacked_kv)
     return context, x_video, c_video
 
   def _output(self, x_video, c_video, video_segment_ids):

@@ -26,7 +26,7 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 
 # Logical names used on parameters.
-PARAM_AXES = ("embed", "mlp", "heads", "kv", "vocab", "norm")
+PARAM_AXES = ("embed", "mlp", "heads", "kv", "vocab", "norm", "layers")
 # Logical names used on activations.
 ACTIVATION_AXES = (
   "activation_batch",
