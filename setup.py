@@ -29,6 +29,7 @@ setup(
         "pillow>=10",
         "tqdm>=4.66",
         "absl-py>=2",
+        "etils[epath]>=1.5",  # workdirs on local disk or gs:// (also used by orbax)
     ],
     extras_require={
         "test": ["pytest>=8"],

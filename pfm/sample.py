@@ -31,6 +31,7 @@ from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 import numpy as np
 from flax import nnx
 
@@ -75,11 +76,10 @@ class Sampler:
     """
     from pfm import train  # the train state layout lives there
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
       raise FileNotFoundError(f"{path} not found: is {workdir} a pfm.train workdir?")
-    with open(path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
     graphdef, abstract = train.abstract_state(config)
     state, _ = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).restore(
         {"ema_params": abstract["ema_params"]}, step=step, partial=True)
@@ -313,8 +313,7 @@ def write_training_samples(sampler: Sampler, config, workdir: str, step: int, wr
   if jax.process_index() == 0:
     for n, frames in enumerate(videos):
       video_lib.write_mp4(os.path.join(out_dir, f"sample_{n}.mp4"), frames)
-    with open(os.path.join(out_dir, "prompt_to_video.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    (epath.Path(out_dir) / "prompt_to_video.json").write_text(json.dumps(result, indent=2))
     writer.write_images(step, {f"samples/{n}": np.concatenate(list(v), axis=1)[None]
                                for n, v in enumerate(videos)})
     writer.write_scalars(step, {"eval/prompt_to_video_accuracy": result["accuracy"]})

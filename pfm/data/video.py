@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import os
 import threading
 
 import av
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -231,6 +233,8 @@ def write_mp4(path: str, frames: np.ndarray, *, fps: int = 8) -> None:
   """Writes uint8 ``[T, H, W, 3]`` RGB frames as an H.264 mp4 (yuv420p), creating the folder.
 
   H and W must be even (yuv420p). Falls back to MPEG-4 Part 2 where libx264 is not built in.
+  ``path`` may be local or remote (``gs://...``, through ``etils.epath``): the video is encoded in
+  memory and written in one piece.
 
   Raises:
     ValueError: if ``frames`` is not ``[T, H, W, 3]`` with T >= 1 and even H, W.
@@ -239,10 +243,11 @@ def write_mp4(path: str, frames: np.ndarray, *, fps: int = 8) -> None:
   if frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames) or frames.shape[1] % 2 or (
       frames.shape[2] % 2):
     raise ValueError(f"write_mp4: need uint8 [T, H, W, 3] with even H, W, got {frames.shape}")
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
   codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-  with av.open(path, "w") as container:
+  buffer = io.BytesIO()
+  with av.open(buffer, "w", format="mp4") as container:
     stream = container.add_stream(codec, rate=fps)
     stream.height, stream.width = frames.shape[1:3]
     stream.pix_fmt = "yuv420p"
@@ -251,6 +256,7 @@ def write_mp4(path: str, frames: np.ndarray, *, fps: int = 8) -> None:
         container.mux(packet)
     for packet in stream.encode():
       container.mux(packet)
+  path.write_bytes(buffer.getvalue())
 
 
 _cache: collections.OrderedDict[tuple[str, tuple[int, int]], np.ndarray] = (
