@@ -28,6 +28,7 @@ from pfm import distributed
 from pfm import models
 from pfm import objective
 from pfm import parallel
+from pfm import throughput
 from pfm.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -308,16 +309,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   if start_step == 0:
     writer.write_hparams(config_lib.flatten(config) | {"num_params": num_params})
   pending, pad_fractions = [], []
-  t_start = time.time()
+  # Model FLOPs of this process's rows (analytic, from the token counts of every stage and
+  # history) against its devices' peak: the datasheet figure, or a matmul rate measured now.
+  peak, peak_source = throughput.default_peak(config.model.dtype)
+  logging.info("MFU peak: %.1f TFLOP/s per device (%s)", peak / 1e12, peak_source)
+  meter = throughput.ThroughputMeter(throughput.mmdit_config(config),
+                                     num_devices=jax.local_device_count(), peak=peak)
+  t_start = t_interval = time.time()
   for step in range(start_step + 1, num_steps + 1):
     with report.timed("data", wait_jax_async_dispatch=False):
       batch = next(data_iter)
     pad_fractions.append(pipeline.padding_fraction(batch))
+    meter.add(batch)
     with report.timed("train_step", wait_jax_async_dispatch=False):
       with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         state, metrics = step_fn(state, parallel.global_batch(batch, mesh))
     pending.append(metrics)
     report(step)
+    if step == start_step + 1:  # the first step compiles: keep it out of the rates
+      jax.block_until_ready(metrics)
+      meter.metrics(1.0)
+      t_interval = time.time()
     is_last = step == num_steps
     checkpoint_now = step % config.train.checkpoint_every_steps == 0 or is_last
     if step % config.train.log_every_steps == 0 or checkpoint_now:
@@ -331,6 +343,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       scalars.pop("finite")
       scalars["learning_rate"] = float(schedule(step - 1))  # the rate the last update used
       scalars["padding_fraction"] = float(np.mean(pad_fractions))
+      if meter.steps:  # the metrics were fetched above: the interval's steps are done
+        scalars |= meter.metrics(time.time() - t_interval)
+      t_interval = time.time()
       scalars |= {f"data/skipped_{k}": v for k, v in pipeline.skip_counts().items()}
       writer.write_scalars(step, scalars)
       pending, pad_fractions = [], []
