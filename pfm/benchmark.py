@@ -3,6 +3,7 @@ r"""Speed measurements, each a ratio taken in one run on one machine.
   python -m pfm.benchmark --config=configs/vanilla.py --benchmark=pyramids
   python -m pfm.benchmark --config=configs/default.py --benchmark=sample_cache
   python -m pfm.benchmark --config=configs/default.py --benchmark=alignment
+  python -m pfm.benchmark --config=configs/default.py --benchmark=throughput
 
 ``pyramids``: on one model (the config's, randomly perturbed initial weights) and the config's clip
 size, the sampling time of each pyramid (temporal = TPDiff, spatial, spatiotemporal; 3 stages)
@@ -16,17 +17,21 @@ model with captions conditioned on their own clean level (the setting that allow
 randomly perturbed initial weights (speed does not depend on training).
 ``alignment``: milliseconds per ``pfm.data.alignment.align_noise`` call (host CPU, median) for
 batches of 4, 8 and 16 of the config's clips and of TPDiff's AnimateDiff latents, with Table A.1's.
+``throughput``: the jitted train step of a benchmark-size model (variant ``THROUGHPUT_VARIANT``
+unless ``--config.model.variant`` is given) on real packed batches of the config's data: video
+tokens per second, model TFLOP/s (``pfm.throughput``), and MFU against a measured matmul rate
+(and against the datasheet peak on a known accelerator).
 """
 
 from __future__ import annotations
 
 import time
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 
@@ -180,15 +185,130 @@ def pyramids(config, *, total_steps: int = 30, repeats: int = 3, train_repeats: 
   return result
 
 
-BENCHMARKS = {"pyramids": pyramids, "sample_cache": sample_cache, "alignment": alignment}
+# The model `throughput` measures when the command line does not name one: width 512, 12 blocks.
+# The default config's "XS" (width 128) has matmuls too small to say much about utilisation.
+THROUGHPUT_VARIANT = "B"
+
+
+def throughput(config, *, variant: str | None = THROUGHPUT_VARIANT, steps: int = 5,
+               seed: int = 0, matmul_size: int = 2048) -> dict:
+  """Train-step throughput, model FLOP/s and MFU on real packed batches.
+
+  The config's data pipeline (``pfm.data.pipeline.create_dataset``, ``seed``) provides
+  ``steps + 1`` packed batches, fetched before timing so data time is not counted. The jitted
+  ``pfm.train`` step is compiled, run once on the first batch, then timed on each of the other
+  ``steps`` batches (wall clock to ``block_until_ready``), on one device. FLOPs are
+  ``pfm.throughput.step_flops`` per batch. The reference rate is the best of
+  ``pfm.throughput.measure_matmul_flops(matmul_size, repeats=3)`` (model compute dtype) sampled
+  before the first timed step and after each one. Utilisations compare the fastest step's rate
+  with that best matmul rate: on a machine shared with other processes both are the least
+  disturbed samples (``matmul_spread`` shows how disturbed the samples were); on an idle machine
+  best and typical agree.
+
+  Args:
+    config: run config; its model variant is replaced by ``variant`` unless that is None.
+    steps: timed train steps (>= 1).
+    seed: data pipeline seed.
+    matmul_size: side of the reference matmul.
+
+  Returns:
+    ``variant`` (str) and floats: ``params_millions``; ``compile_s``; ``step_s`` (median) and
+    ``step_best_s``; ``tokens_per_sec`` (non-padding video tokens, timed tokens / timed seconds);
+    ``model_tflops_per_device`` (useful train FLOPs: 3 x forward, padding and masked attention
+    pairs excluded) and ``dense_tflops_per_device`` (what the dense kernels execute), both
+    timed FLOPs / timed seconds; ``matmul_tflops`` (best sample) and ``matmul_spread`` (best /
+    worst sample); ``mfu_vs_matmul`` and ``dense_vs_matmul`` (the fastest step's model and
+    dense FLOP/s over ``matmul_tflops``);
+    ``peak_tflops`` and ``mfu`` when the device has a datasheet peak;
+    ``attention_useful_share`` (useful / dense attention FLOPs), ``attention_dense_share``
+    (attention / all dense FLOPs); ``video_padding``, ``text_padding`` (fractions of slots).
+  """
+  from pfm import throughput as throughput_lib
+  from pfm import train
+  from pfm.data import pipeline
+
+  config = config.copy_and_resolve_references()
+  if variant is not None:
+    config.model.variant = variant
+  model_config = throughput_lib.mmdit_config(config)
+  data_iter = iter(pipeline.create_dataset(config, seed=seed))
+  batches = [next(data_iter) for _ in range(max(steps, 1) + 1)]
+  graphdef, state = train.init_state(config)
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+  start = time.perf_counter()
+  step_fn = train.make_train_step(config, graphdef).lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - start
+  state, metrics = step_fn(state, batches[0])  # warm-up
+  jax.block_until_ready(metrics)
+
+  def matmul_rate():
+    return throughput_lib.measure_matmul_flops(matmul_size, model_config.dtype, repeats=3)
+
+  times, counts, matmul_rates = [], [], [matmul_rate()]
+  for batch in batches[1:]:
+    start = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+    counts.append(throughput_lib.step_flops(batch, model_config))
+    matmul_rates.append(matmul_rate())
+  total = {name: sum(c[name] for c in counts) for name in counts[0]}
+  seconds = float(np.sum(times))
+  matmul = max(matmul_rates)
+  model = throughput_lib.throughput_metrics(
+      total["train_useful"], total["video_tokens"], seconds, 1, None)
+  dense = throughput_lib.throughput_metrics(total["train_dense"], 0.0, seconds, 1, None)
+  fastest = int(np.argmin(times))  # same shapes every step: the same dense FLOPs
+  best = {kind: counts[fastest][f"train_{kind}"] / times[fastest] / matmul
+          for kind in ("useful", "dense")}
+  result = {
+      "variant": config.model.variant,
+      "params_millions": params / 1e6,
+      "compile_s": compile_s,
+      "step_s": float(np.median(times)),
+      "step_best_s": times[fastest],
+      "tokens_per_sec": model["tokens_per_sec"],
+      "model_tflops_per_device": model["tflops_per_device"],
+      "dense_tflops_per_device": dense["tflops_per_device"],
+      "matmul_tflops": matmul / 1e12,
+      "matmul_spread": max(matmul_rates) / min(matmul_rates),
+      "mfu_vs_matmul": best["useful"],
+      "dense_vs_matmul": best["dense"],
+  }
+  peak = throughput_lib.peak_flops(jax.devices()[0].device_kind, model_config.dtype)
+  if peak is not None:
+    result |= {"peak_tflops": peak / 1e12, "mfu": total["train_useful"] / seconds / peak}
+  return result | {
+      "attention_useful_share": total["attention_useful"] / total["attention_dense"],
+      "attention_dense_share": total["attention_dense"] / total["forward_dense"],
+      "video_padding": 1.0 - total["video_tokens"] / total["video_slots"],
+      "text_padding": 1.0 - total["text_tokens"] / total["text_slots"],
+  }
+
+
+BENCHMARKS = {"pyramids": pyramids, "sample_cache": sample_cache, "alignment": alignment,
+              "throughput": throughput}
+
+
+def _format(value) -> str:
+  """Floats with 3 decimals (3 significant digits below 0.1), anything else as is."""
+  if isinstance(value, str):
+    return value
+  if value and abs(value) < 0.1:
+    return f"{value:.3g}"
+  return f"{value:.3f}"
 
 
 def main(argv):
   del argv
-  result = BENCHMARKS[FLAGS.benchmark](FLAGS.config)
+  kwargs = {}
+  if (FLAGS.benchmark == "throughput"
+      and "model.variant" in config_flags.get_override_values(FLAGS["config"])):
+    kwargs["variant"] = None  # the command line names the model
+  result = BENCHMARKS[FLAGS.benchmark](FLAGS.config, **kwargs)
   print(f"{FLAGS.benchmark} on {jax.devices()[0].device_kind}:")
   for name, value in result.items():
-    print(f"  {name:>32}: {value:.3f}")
+    print(f"  {name:>32}: {_format(value)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,212 @@
+"""Tests of pfm.throughput: analytic step FLOPs against XLA and a dense mask, peaks, MFU."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.extend import core as jax_core
+
+from pfm import models, throughput
+from pfm.models import attention
+
+# A small model whose matmuls dominate its elementwise work (width 128), quick to compile.
+CONFIG = models.model_config(
+  "XS", patch_size=4, depth=2, text_width=64, text_depth=1, text_heads=2)
+
+
+def random_packed_batch(rng: np.random.Generator, rows: int, length: int, text_length: int,
+                        *, max_segments: int = 3, max_frames: int = 4) -> dict[str, np.ndarray]:
+  """Metadata of a packed batch: contiguous segments 1..S then padding, frames non-decreasing
+  within a segment (several tokens per frame unit), captions packed the same way."""
+  seg = np.zeros((rows, length), np.int32)
+  frame = np.zeros((rows, length), np.int32)
+  text_seg = np.zeros((rows, text_length), np.int32)
+  for r in range(rows):
+    num = int(rng.integers(1, max_segments + 1))
+    video_ends = np.sort(rng.choice(np.arange(1, length), num, replace=False))
+    text_ends = np.sort(rng.choice(np.arange(1, text_length), num, replace=False))
+    video_start = text_start = 0
+    for s in range(num):
+      seg[r, video_start:video_ends[s]] = s + 1
+      frame[r, video_start:video_ends[s]] = np.sort(
+        rng.integers(0, max_frames, video_ends[s] - video_start))
+      text_seg[r, text_start:text_ends[s]] = s + 1
+      video_start, text_start = video_ends[s], text_ends[s]
+  return {"segment_ids": seg, "frame_index": frame, "text_segment_ids": text_seg}
+
+
+def model_inputs(batch: dict[str, np.ndarray], config) -> dict[str, jax.Array]:
+  rows, length = batch["segment_ids"].shape
+  text_length = batch["text_segment_ids"].shape[1]
+  return {
+    "video_tokens": jnp.zeros((rows, length, config.patch_dim)),
+    "video_t": jnp.zeros((rows, length)),
+    "video_segment_ids": jnp.asarray(batch["segment_ids"]),
+    "frame_index": jnp.asarray(batch["frame_index"]),
+    "positions": jnp.zeros((rows, length, 2)),
+    "text_tokens": jnp.ones((rows, text_length), jnp.int32),
+    "text_segment_ids": jnp.asarray(batch["text_segment_ids"]),
+    "text_t": jnp.zeros((rows, text_length))}
+
+
+def jaxpr_dot_flops(jaxpr) -> float:
+  """2 * |output| * |contracted dims| summed over every dot_general, nested jaxprs included."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contracting, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      out = eqn.outvars[0].aval.shape
+      total += 2.0 * math.prod(out) * math.prod(lhs[i] for i in contracting)
+    repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      total += repeat * jaxpr_dot_flops(sub)
+  return total
+
+
+def test_dense_count_matches_the_program_and_xla():
+  """The dense count equals the forward's dot_general FLOPs exactly, and XLA's "flops" of the
+  compiled forward within 5%: XLA also counts one FLOP per element of elementwise ops (norms,
+  softmax, GELU, RoPE, masking), which the analytic count leaves out."""
+  batch = random_packed_batch(np.random.default_rng(0), 2, 64, 32)
+  # Shapes only: nothing is initialised or run.
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: models.build_model(CONFIG, nnx.Rngs(0))))
+  inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        model_inputs(batch, CONFIG))
+
+  def forward(params, inputs):
+    return nnx.merge(graphdef, params)(**inputs)
+
+  counts = throughput.step_flops(batch, CONFIG)
+  program = jaxpr_dot_flops(jax.make_jaxpr(forward)(params, inputs).jaxpr)
+  assert program == pytest.approx(counts["forward_dense"], rel=1e-9)
+
+  cost = jax.jit(forward).lower(params, inputs).compile().cost_analysis()
+  if isinstance(cost, list):  # older jax: one dict per program
+    cost = cost[0]
+  xla = cost["flops"]
+  assert counts["forward_dense"] <= xla <= 1.05 * counts["forward_dense"]
+  assert counts["train_dense"] == 3 * counts["forward_dense"]
+  assert counts["forward_useful"] < counts["forward_dense"]
+
+
+def test_allowed_pairs_match_dense_mask():
+  rng = np.random.default_rng(1)
+  batch = random_packed_batch(rng, 5, 40, 24, max_segments=4, max_frames=5)
+  seg = np.concatenate([batch["text_segment_ids"], batch["segment_ids"]], axis=1)
+  frames = np.concatenate(
+    [np.full(batch["text_segment_ids"].shape, attention.TEXT_FRAME), batch["frame_index"]],
+    axis=1)
+  mask = np.asarray(attention.make_attention_mask(seg, frames, seg, frames))  # [B, 1, L, L]
+  np.testing.assert_array_equal(throughput.allowed_pairs(seg, frames), mask.sum(axis=(1, 2, 3)))
+
+  # Unsorted frames and gaps in the segment ids count the same.
+  perm = rng.permutation(seg.shape[1])
+  shuffled_seg, shuffled_frames = seg[:, perm] * 3, frames[:, perm] * 7
+  mask = np.asarray(attention.make_attention_mask(
+    shuffled_seg, shuffled_frames, shuffled_seg, shuffled_frames))
+  np.testing.assert_array_equal(
+    throughput.allowed_pairs(shuffled_seg, shuffled_frames), mask.sum(axis=(1, 2, 3)))
+  np.testing.assert_array_equal(
+    throughput.allowed_pairs(np.zeros((2, 3)), np.zeros((2, 3))), [0, 0])
+
+  # Video queries onto caption keys, and the attention term assembled from the pairs.
+  text_seg, video_seg = batch["text_segment_ids"], batch["segment_ids"]
+  cross = np.asarray(attention.make_attention_mask(
+    video_seg, np.zeros_like(video_seg), text_seg, np.zeros_like(text_seg)))
+  np.testing.assert_array_equal(throughput.cross_pairs(video_seg, text_seg),
+                                cross.sum(axis=(1, 2, 3)))
+  counts = throughput.step_flops(batch, CONFIG)
+  text_mask = np.asarray(attention.make_attention_mask(
+    text_seg, np.zeros_like(text_seg), text_seg, np.zeros_like(text_seg)))
+  joint = np.asarray(attention.make_attention_mask(seg, frames, seg, frames)).sum()
+  expected = 4 * CONFIG.width * (CONFIG.depth * joint - text_mask.sum()) + (
+    4 * CONFIG.text_width * CONFIG.text_depth * text_mask.sum())
+  assert counts["attention_useful"] == expected
+
+
+def test_linear_count_by_hand():
+  """One video token and one caption token, no padding: the per-token sums written out."""
+  config = models.model_config("smoke", patch_size=2, depth=2)
+  d, dt, f, p = config.width, config.text_width, config.time_frequency_dim, config.patch_dim
+  batch = {"segment_ids": np.array([[1, 0]]), "frame_index": np.zeros((1, 2), np.int32),
+           "text_segment_ids": np.array([[1, 0, 0]])}
+  counts = throughput.step_flops(batch, config)
+  time_mlp = 2 * f * d + 2 * d * d
+  block = 2 * d * 6 * d + 3 * 2 * d * d + 2 * d * d + 2 * 2 * d * 4 * d  # mod, QKV, out, MLP
+  video = 2 * p * d + time_mlp + 2 * block + 2 * d * 2 * d + 2 * d * p
+  encoder = 3 * 2 * dt * dt + 2 * dt * dt + 2 * 2 * dt * 4 * dt
+  pre_only = 2 * d * 2 * d + 3 * 2 * d * d
+  text = encoder + (2 * dt * d + 2 * d * d) + time_mlp + 2 * dt * d + block + pre_only
+  assert counts["linear_useful"] == video + text
+  assert counts["linear_dense"] == 2 * video + 3 * text
+  assert counts["video_tokens"] == 1 and counts["text_tokens"] == 1
+  assert counts["video_slots"] == 2 and counts["text_slots"] == 3
+
+
+@pytest.mark.parametrize("kind,chip", [
+  ("TPU v4", "TPU v4"),
+  ("TPU v5 lite", "TPU v5e"),
+  ("TPU v5e", "TPU v5e"),
+  ("TPU v5", "TPU v5p"),
+  ("TPU v5p", "TPU v5p"),
+  ("TPU v6 lite", "TPU v6e"),
+  ("TPU v6e", "TPU v6e"),
+  ("NVIDIA A100-SXM4-80GB", "A100"),
+  ("NVIDIA A100-SXM4-40GB", "A100"),
+  ("NVIDIA A100-PCIE-40GB", "A100"),
+  ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+  ("NVIDIA H100 PCIe", "H100 PCIe"),
+  ("NVIDIA H200", "H200"),
+])
+def test_peak_lookup(kind, chip):
+  assert throughput.chip_name(kind) == chip
+  assert throughput.peak_flops(kind, jnp.bfloat16) == throughput.PEAK_FLOPS[chip]["bfloat16"]
+  assert throughput.peak_flops(kind, "float32") == throughput.PEAK_FLOPS[chip]["float32"]
+
+
+def test_peak_values_and_unknown_devices():
+  tflops = {chip: peaks["bfloat16"] / 1e12 for chip, peaks in throughput.PEAK_FLOPS.items()}
+  assert tflops == {"TPU v4": 275, "TPU v5e": 197, "TPU v5p": 459, "TPU v6e": 918,
+                    "A100": 312, "H100 SXM": 989, "H100 PCIe": 756, "H200": 989}
+  assert throughput.peak_flops("NVIDIA H100 80GB HBM3", "float32") == 494.5e12
+  for kind in ("cpu", "TPU v4 lite", "NVIDIA H100 NVL", "NVIDIA H200 NVL", "Tesla V100-SXM2"):
+    assert throughput.peak_flops(kind) is None
+  assert throughput.peak_flops("TPU v4", "float16") is None
+
+
+def test_mfu_arithmetic():
+  rates = throughput.throughput_metrics(
+    flops=6e15, tokens=1e6, seconds=2.0, num_devices=8, peak=1e15)
+  assert rates == pytest.approx({"tokens_per_sec": 5e5, "tflops_per_device": 375.0, "mfu": 0.375})
+  assert "mfu" not in throughput.throughput_metrics(1.0, 1.0, 1.0, 1, None)
+  with pytest.raises(ValueError):
+    throughput.throughput_metrics(1.0, 1.0, 0.0, 1, 1.0)
+
+  batch = random_packed_batch(np.random.default_rng(2), 2, 32, 16)
+  counts = throughput.step_flops(batch, CONFIG)
+  meter = throughput.ThroughputMeter(CONFIG, num_devices=2, peak=1e12)
+  meter.add(batch)
+  meter.add(batch)
+  metrics = meter.metrics(4.0)
+  assert metrics["throughput/tokens_per_sec"] == pytest.approx(2 * counts["video_tokens"] / 4)
+  assert metrics["throughput/tflops_per_device"] == pytest.approx(
+    2 * counts["train_useful"] / 4 / 2 / 1e12)
+  assert metrics["throughput/mfu"] == pytest.approx(2 * counts["train_useful"] / 4 / 2 / 1e12)
+  assert metrics["throughput/dense_tflops_per_device"] == pytest.approx(
+    2 * counts["train_dense"] / 4 / 2 / 1e12)
+  assert meter.steps == 0 and meter.flops == 0.0  # reset
+
+
+def test_measure_matmul_flops():
+  rate = throughput.measure_matmul_flops(64, repeats=2)
+  assert np.isfinite(rate) and rate > 0
+  peak, label = throughput.default_peak("float32", device_kind="cpu", matmul_size=64)
+  assert label == "measured matmul" and peak > 0
+  assert throughput.default_peak("bfloat16", device_kind="TPU v4") == (275e12,
+                                                                       "TPU v4 bfloat16 datasheet")
