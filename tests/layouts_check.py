@@ -38,6 +38,15 @@ LAYOUTS = {
 STEP_LAYOUTS = ("single", "fsdp_sequence_tensor")  # also run two full train steps
 
 
+# These create the train state with the sharded initialiser; the others place a host copy.
+SHARDED_INIT_LAYOUTS = ("single", "fsdp", "fsdp_sequence_tensor")
+
+
+@functools.cache
+def _initial_state():
+  return jax.device_get(train.init_state(_config({}))[1])
+
+
 def _config(layout):
   config = default.get_config("smoke")
   config.data.batch_size = 8
@@ -55,7 +64,12 @@ def run_layout(name, batches):
   devices = jax.devices()[:1] if name == "single" else None
   mesh = parallel.create_mesh(config, devices)
   rules = parallel.logical_rules(config)
-  graphdef, state, shardings = train.create_sharded_state(config, mesh, rules)
+  if name in SHARDED_INIT_LAYOUTS:
+    graphdef, state, shardings = train.create_sharded_state(config, mesh, rules)
+  else:  # the same initial state, laid out on this mesh (cheaper than compiling the init again)
+    graphdef, abstract = train.abstract_state(config)
+    shardings = parallel.named_shardings(abstract, mesh, rules)
+    state = jax.device_put(_initial_state(), shardings)
   parallel.check_sharding(state, mesh, rules, min_fsdp_bytes=1 << 14)
   params_bytes = sum(x.nbytes for x in jax.tree.leaves(state["params"]))
   per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state["params"]))

@@ -491,8 +491,8 @@ def _remat_policies(config: models.MMDiTConfig, batch) -> list:
   return [e.params["policy"] for e in _eqns(jaxpr) if "policy" in e.params]
 
 
-@pytest.mark.parametrize("scan,policy", [
-  (False, "full"), (True, "none"), (True, "full"), (True, "dots"), (True, "dots_all")])
+# Scanned "full" and "dots" against unrolled "none" also check the scanned backward pass itself.
+@pytest.mark.parametrize("scan,policy", [(False, "full"), (True, "full"), (True, "dots")])
 def test_remat_gradients_match(scan, policy):
   reference, _ = _remat_run(False, "none")
   grads, _ = _remat_run(scan, policy)
