@@ -312,6 +312,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   # Model FLOPs of this process's rows (analytic, from the token counts of every stage and
   # history) against its devices' peak: the datasheet figure, or a matmul rate measured now.
   peak, peak_source = throughput.default_peak(config.model.dtype)
+  if jax.devices()[0].platform == "cpu":  # the host's CPU devices share its cores
+    peak /= jax.local_device_count()
   logging.info("MFU peak: %.1f TFLOP/s per device (%s)", peak / 1e12, peak_source)
   meter = throughput.ThroughputMeter(throughput.mmdit_config(config),
                                      num_devices=jax.local_device_count(), peak=peak)
