@@ -294,7 +294,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_checkpoints)
   if checkpointer.latest_step is not None:
-    target = sharded_abstract_state(abstract_state(config)[1], shardings)
+    # The fresh state's shapes and shardings are the restore target: no second abstract build.
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     state, restored = checkpointer.restore(target, data_iter)
     parallel.check_sharding(state, mesh, rules)
     logging.info("Resumed from step %d in %s", restored, workdir)
