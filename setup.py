@@ -6,7 +6,8 @@ setup(
     name="pfm",
     version="0.1.0",
     description="Pyramidal flow matching and temporal pyramid video diffusion in JAX/Flax NNX",
-    packages=find_packages(include=["pfm", "pfm.*"]),
+    # `launch` is installed too, so `python -m launch.local` works from any folder.
+    packages=find_packages(include=["pfm", "pfm.*", "launch", "launch.*"]),
     python_requires=">=3.11",
     # Ranges known to work together (checked on CPU, Python 3.11).
     install_requires=[

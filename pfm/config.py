@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
+from pfm import errors
 from pfm import models
 from pfm.pyramid import schedules, stages
 
@@ -39,15 +40,71 @@ def stage_windows(config: ml_collections.ConfigDict) -> np.ndarray:
   return np.asarray(pyramid(config).windows)
 
 
+# Fields that count something and must be whole numbers >= 1.
+POSITIVE_INT_FIELDS = (
+    "data.height", "data.width", "data.num_frames", "data.frame_stride", "data.batch_size",
+    "data.max_tokens", "data.max_text_tokens", "data.caption_length", "model.patch_size",
+    "pyramid.num_stages", "sample.num_frames", "train.num_steps", "train.log_every_steps",
+    "train.checkpoint_every_steps", "train.sample_every_steps")
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a run config for consistency.
 
   Raises:
-    ValueError: with a message that names the offending ``config.`` field, e.g. a resolution that
-      is not divisible by ``patch_size * 2^(K-1)``, stage boundaries that do not split [0, 1] into
-      increasing windows, a worst-case sample that does not fit a packed row, or per-stage step
-      lists of the wrong length.
+    pfm.errors.ConfigError: (a ``ValueError``) with a message that names the offending
+      ``config.`` field, e.g. a non-finite number (or one beyond float32, such as a learning rate
+      of 1e39), a size that is not a whole number >= 1, a resolution that is not divisible by
+      ``patch_size * 2^(K-1)``, stage boundaries that do not split [0, 1] into increasing
+      windows, a worst-case sample that does not fit a packed row, or per-stage step lists of
+      the wrong length.
   """
+  try:
+    check_values(config)
+    _validate(config)
+  except errors.ConfigError:
+    raise
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from e
+
+
+def _check_finite(config: ml_collections.ConfigDict, prefix: str = "config") -> None:
+  """Every float of ``config`` (nested, in sequences too) is finite in float32."""
+  for key, value in config.items():
+    name = f"{prefix}.{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      _check_finite(value, name)
+      continue
+    for v in (value if isinstance(value, (list, tuple)) else (value,)):
+      if isinstance(v, (float, np.floating)) and not abs(v) <= _FLOAT32_MAX:
+        raise errors.ConfigError(f"{name}={value}: need a finite number within float32 range "
+                                 f"(|x| <= {_FLOAT32_MAX:.3g})")
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Field-by-field checks that need no other field: finite float32 numbers, positive sizes.
+
+  Raises:
+    pfm.errors.ConfigError: naming the field.
+  """
+  _check_finite(config)
+  for field in POSITIVE_INT_FIELDS:
+    section, key = field.split(".")
+    if section not in config or key not in config[section]:
+      continue
+    value = config[section][key]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise errors.ConfigError(f"config.{field}={value!r}: need a whole number >= 1")
+  weights = config.pyramid.get("stage_weights", ())
+  if not all(isinstance(w, (int, float, np.number)) and not isinstance(w, bool)
+             for w in weights):
+    raise errors.ConfigError(f"config.pyramid.stage_weights={weights!r}: need one number per "
+                             "stage, e.g. 1,2,1")
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
   from pfm.data import pipeline  # imports this module
 
   p = config.pyramid

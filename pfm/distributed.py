@@ -88,5 +88,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def _cpu_collectives() -> None:
-  """Cross-process collectives for CPU devices (tests, laptops); harmless on accelerators."""
+  """Settings for every multi-process start: CPU collectives and the default SIGTERM action.
+
+  gloo gives CPU devices (tests, laptops) cross-process collectives; harmless on accelerators.
+  JAX's preemption service would take over SIGTERM and only note it, so a process whose peer
+  died would ignore its launcher's (or SLURM's, or a TPU VM's) stop request until it is killed;
+  with it off, SIGTERM stops the process at once. Checkpoints commit atomically, so a stop at any
+  moment loses only the steps since the last checkpoint.
+  """
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.config.update("jax_enable_preemption_service", False)

@@ -15,6 +15,7 @@ import os
 from absl import app, flags, logging
 import numpy as np
 
+from pfm import errors
 from pfm.data import manifest as manifest_lib
 from pfm.data import video as video_lib
 
@@ -63,6 +64,7 @@ def prompt_to_video(sampler, records: list[dict], *, seed: int = 0, **generate_k
 
 def main(argv):
   del argv
+  errors.quiet_library_tracebacks()
   from pfm import sample as sample_lib
   from pfm.data import pipeline
 
@@ -81,4 +83,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_integer("seed", 0, "Sampling seed of the first prompt.")
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  app.run(errors.exit_on_user_error(main, "pfm.evaluate"))

@@ -37,12 +37,17 @@ from flax import nnx
 
 from pfm import checkpointing
 from pfm import config as config_lib
+from pfm import errors
 from pfm.data import layout
 from pfm.data import text as text_lib
 from pfm.data import video as video_lib
 from pfm.pyramid import paths, samplers
 
 FLAGS = flags.FLAGS
+
+
+class SamplerArgumentError(errors.UserError, ValueError):
+  """A sampling argument (frames, steps, guidance, image, output path) that cannot be used."""
 
 
 class Sampler:
@@ -69,20 +74,31 @@ class Sampler:
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> "Sampler":
-    """Loads ``workdir/config.json`` and the EMA parameters of the latest (or given) checkpoint.
+    """Loads ``workdir/config.json`` and the EMA parameters of a checkpoint.
+
+    Without ``step``, the newest intact checkpoint: damaged ones (checksums, missing files,
+    non-finite values) are skipped with a warning that names them. Nothing in the workdir is
+    changed.
 
     Raises:
-      FileNotFoundError: if the workdir has no config or no checkpoint.
+      pfm.errors.NotAWorkdirError: if the workdir has no ``config.json``.
+      pfm.checkpointing.CheckpointError: if there is no intact checkpoint, or ``step`` is missing
+        or damaged.
     """
     from pfm import train  # the train state layout lives there
 
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
-      raise FileNotFoundError(f"{path} not found: is {workdir} a pfm.train workdir?")
+      raise errors.NotAWorkdirError(f"{path} not found: is {workdir} a pfm.train workdir?")
     config = ml_collections.ConfigDict(json.loads(path.read_text()))
     graphdef, abstract = train.abstract_state(config)
-    state, _ = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).restore(
-        {"ema_params": abstract["ema_params"]}, step=step, partial=True)
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+      state, restored = checkpointer.restore(
+          {"ema_params": abstract["ema_params"]}, step=step, partial=True)
+    finally:
+      checkpointer.close(check=False)
+    logging.info("Sampling with the EMA parameters of checkpoint %d in %s", restored, workdir)
     return cls(config, graphdef, state["ema_params"])
 
   # -- one frame unit through all stages ---------------------------------------------------------
@@ -217,7 +233,8 @@ class Sampler:
     """Generates a video for ``prompt``.
 
     Args:
-      prompt: the caption (UTF-8; truncated to ``config.data.caption_length`` bytes).
+      prompt: the caption (UTF-8; the first ``config.data.caption_length - 1`` bytes are read,
+        cut at a character boundary, with a warning when it is longer).
       num_frames: frame units to generate (may exceed the training clip length; in the
         full-sequence mode a multiple of the coarsest stage's frame-rate reduction).
       first_frame_steps, later_frame_steps: steps per stage, coarsest first (autoregressive);
@@ -234,13 +251,16 @@ class Sampler:
       uint8 ``[num_frames, H, W, 3]``.
 
     Raises:
-      ValueError: for an image in the full-sequence mode, or a frame count the pyramid does not
-        divide.
+      SamplerArgumentError: (a ``ValueError``) for ``num_frames < 1``, step lists that do not give
+        >= 1 step to each stage, a non-finite guidance scale, an image in the full-sequence mode,
+        or a frame count the pyramid does not divide.
     """
     from tqdm.auto import tqdm
 
     s = self.config.sample
-    num_frames = num_frames or s.num_frames
+    num_frames = s.num_frames if num_frames is None else num_frames
+    self._check_arguments(num_frames, first_frame_steps, later_frame_steps, guidance_scale,
+                          video_guidance_scale)
     if self.mode == "full_sequence":
       return self._generate_clip(prompt, num_frames, first_frame_steps, guidance_scale, seed,
                                  image)
@@ -273,9 +293,31 @@ class Sampler:
     return video_lib.to_uint8(np.stack(frames))
 
 
+  def _check_arguments(self, num_frames, first_frame_steps, later_frame_steps, guidance_scale,
+                       video_guidance_scale) -> None:
+    """Raises `SamplerArgumentError` naming the argument that cannot be sampled with."""
+    num_stages = self._pyramid.num_stages
+    if int(num_frames) != num_frames or num_frames < 1:
+      raise SamplerArgumentError(f"num_frames={num_frames}: need a whole number >= 1")
+    for name, steps in (("first_frame_steps", first_frame_steps),
+                        ("later_frame_steps", later_frame_steps)):
+      if steps is not None and (len(steps) != num_stages or min(steps) < 1):
+        raise SamplerArgumentError(f"{name}={tuple(steps)}: need >= 1 step for each of the "
+                                   f"{num_stages} stages, coarsest first")
+    for name, scale in (("guidance_scale", guidance_scale),
+                        ("video_guidance_scale", video_guidance_scale)):
+      if scale is not None and not np.isfinite(scale):
+        raise SamplerArgumentError(f"{name}={scale}: need a finite number")
+
   def _caption_arrays(self, prompt: str):
     """int32 [2, Lc] tokens and segment ids: row 0 the prompt, row 1 the null caption."""
     text_len = self.config.data.caption_length
+    if not text_lib.caption_fits(prompt, text_len):
+      logging.warning(
+          "The prompt has %d UTF-8 bytes; the model reads the first %d (config.data."
+          "caption_length %d, BOS included), cut at a character boundary: %r",
+          len(prompt.encode("utf-8")), text_len - 1, text_len,
+          text_lib.decode_caption(text_lib.encode_caption(prompt, text_len)))
     cond = text_lib.encode_caption(prompt, text_len)
     null = text_lib.encode_caption("", text_len)
     text_tokens = np.zeros((2, text_len), np.int32)
@@ -284,11 +326,12 @@ class Sampler:
 
   def _generate_clip(self, prompt, num_frames, steps, guidance_scale, seed, image):
     if image is not None:
-      raise ValueError("image-to-video needs an autoregressive run; this one is full_sequence")
+      raise SamplerArgumentError("image-to-video needs an autoregressive run; this one is "
+                                 "full_sequence")
     coarsest = self._pyramid.temporal_factors[-1]
     if num_frames % coarsest:
-      raise ValueError(f"num_frames={num_frames} is not divisible by the coarsest stage's "
-                       f"frame-rate reduction {coarsest}")
+      raise SamplerArgumentError(f"num_frames={num_frames} is not divisible by the coarsest "
+                                 f"stage's frame-rate reduction {coarsest}")
     s = self.config.sample
     steps = tuple(steps or s.steps_per_stage)
     guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
@@ -322,17 +365,55 @@ def write_training_samples(sampler: Sampler, config, workdir: str, step: int, wr
   return result
 
 
+def check_writable(path: str) -> None:
+  """Makes sure a file can be written at ``path`` before anything is generated.
+
+  Creates the parent folder and writes and removes an empty probe file there (local paths; a
+  remote ``gs://`` path is only checked when written).
+
+  Raises:
+    SamplerArgumentError: naming the path and the cause (a parent that is a file, a read-only
+      folder, an existing folder at ``path``).
+  """
+  if "://" in path:
+    return
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  while parent and not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if os.path.exists(parent) and not os.path.isdir(parent):
+    raise SamplerArgumentError(f"cannot write --output={path}: {parent} is a file, not a folder")
+  if os.path.isdir(path):
+    raise SamplerArgumentError(f"--output={path} is a folder; give a file name (.mp4)")
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.probe"), "wb") as f:
+      probe = f.name
+    os.remove(probe)
+  except OSError as e:
+    raise SamplerArgumentError(f"cannot write --output={path}: {e.strerror or e}") from None
+
+
 def main(argv):
   del argv
+  errors.quiet_library_tracebacks()
+  output = FLAGS.output or os.path.join(FLAGS.workdir, "samples", f"seed{FLAGS.seed}.mp4")
+  check_writable(output)  # before minutes of sampling, not after
+  try:
+    image = video_lib.read_image(FLAGS.image) if FLAGS.image else None
+  except video_lib.VideoReadError as e:
+    raise SamplerArgumentError(f"--image: {e}") from None
+  try:
+    steps = {name: FLAGS[name].value and [int(v) for v in FLAGS[name].value]
+             for name in ("first_frame_steps", "later_frame_steps")}
+  except ValueError:
+    raise SamplerArgumentError("--first_frame_steps / --later_frame_steps: need comma-separated "
+                               "whole numbers, e.g. 20,20,20") from None
   sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.step)
-  image = video_lib.read_image(FLAGS.image) if FLAGS.image else None
   frames = sampler.generate(
       FLAGS.prompt, num_frames=FLAGS.num_frames,
-      first_frame_steps=FLAGS.first_frame_steps and [int(v) for v in FLAGS.first_frame_steps],
-      later_frame_steps=FLAGS.later_frame_steps and [int(v) for v in FLAGS.later_frame_steps],
-      guidance_scale=FLAGS.guidance_scale, video_guidance_scale=FLAGS.video_guidance_scale,
-      seed=FLAGS.seed, image=image)
-  output = FLAGS.output or os.path.join(FLAGS.workdir, "samples", f"seed{FLAGS.seed}.mp4")
+      **steps, guidance_scale=FLAGS.guidance_scale,
+      video_guidance_scale=FLAGS.video_guidance_scale, seed=FLAGS.seed, image=image)
   video_lib.write_mp4(output, frames)
   print(output)
 
@@ -351,4 +432,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_string("output", None, "Output mp4 path (default: workdir/samples/seed<N>.mp4).")
   flags.mark_flags_as_required(["workdir", "prompt"])
-  app.run(main)
+  app.run(errors.exit_on_user_error(main, "pfm.sample"))

@@ -25,6 +25,7 @@ from flax import nnx
 from pfm import checkpointing
 from pfm import config as config_lib
 from pfm import distributed
+from pfm import errors
 from pfm import models
 from pfm import objective
 from pfm import parallel
@@ -34,8 +35,8 @@ from pfm.data import pipeline
 FLAGS = flags.FLAGS
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The training loss or gradient norm became NaN or infinite."""
+class NonFiniteLossError(errors.UserError, FloatingPointError):
+  """The loss, the gradient norm or the updated state became NaN or infinite (divergence)."""
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -131,6 +132,27 @@ def microbatch_merge(x: jax.Array) -> jax.Array:
   return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
+def _loss(params, inputs, target, weight, path, *, graphdef, obj: objective.ObjectiveConfig):
+  """``(loss, per-token squared error)`` of the model on a corrupted packed batch."""
+  model = nnx.merge(graphdef, params)
+  prediction = objective.to_target(model(**inputs), inputs, path, obj)
+  return objective.weighted_mse(prediction, target, weight)
+
+
+def checkpoint_loss(params, rng, step, batch, *, graphdef, obj: objective.ObjectiveConfig):
+  """The loss of (updated) ``params`` on ``batch`` with fresh noise: one forward pass.
+
+  Run before a checkpoint is written: parameters that are finite but diverged (e.g. 1e30 after
+  an absurd learning rate) give a non-finite loss here, and are not saved.
+
+  Returns:
+    float32 scalar.
+  """
+  key = jax.random.fold_in(jax.random.fold_in(rng, step), 0x636B7074)  # its own noise stream
+  inputs, target, weight, path = objective.corrupt_packed_batch(key, batch, obj)
+  return _loss(params, inputs, target, weight, path, graphdef=graphdef, obj=obj)[0]
+
+
 def loss_and_grads(params, batch, key, *, graphdef, obj: objective.ObjectiveConfig,
                    microbatches: int = 1):
   """The loss of a packed batch and its gradient with respect to ``params``.
@@ -151,12 +173,7 @@ def loss_and_grads(params, batch, key, *, graphdef, obj: objective.ObjectiveConf
     ``[B, L]``, and the gradient (same structure as ``params``).
   """
   inputs, target, weight, path = objective.corrupt_packed_batch(key, batch, obj)
-
-  def loss_fn(params, inputs, target, weight, path):
-    model = nnx.merge(graphdef, params)
-    prediction = objective.to_target(model(**inputs), inputs, path, obj)
-    return objective.weighted_mse(prediction, target, weight)
-
+  loss_fn = functools.partial(_loss, graphdef=graphdef, obj=obj)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if microbatches == 1:
     (loss, err), grads = grad_fn(params, inputs, target, weight, path)
@@ -181,15 +198,16 @@ def train_step(state, batch, *, graphdef, tx, obj: objective.ObjectiveConfig, em
 
   Returns:
     ``(new_state, metrics)``; metrics are scalars: ``loss``, ``loss_stage{k}``, ``grad_norm``,
-    ``finite`` (1.0 when loss and gradients are finite).
+    ``finite`` (1.0 when the loss, the gradients and the updated parameters are finite).
   """
   key = jax.random.fold_in(state["rng"], state["step"])
   loss, err, weight, grads = loss_and_grads(
       state["params"], batch, key, graphdef=graphdef, obj=obj, microbatches=microbatches)
   grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
   # Warm EMA: the decay ramps up so early samples are not dominated by the random init.
   decay = jnp.minimum(ema_decay, (1.0 + state["step"]) / (10.0 + state["step"]))
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema_params"], params)
@@ -260,15 +278,62 @@ def _mean_metrics(history):
   return {name: float(np.mean(v)) for name, v in stacked.items()}, stacked
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+def _samples_written(workdir: str, step: int) -> bool:
+  """Whether the training samples of ``step`` are complete (their score file comes last).
+
+  Decided by process 0 and shared, so every process of a run agrees.
+  """
+  done = (epath.Path(workdir) / "samples" / f"step_{step:07d}" / "prompt_to_video.json").exists()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
+  return done
+
+
+def _restore(checkpointer: checkpointing.Checkpointer, state, data_iter,
+             resume_step: int | None):
+  """Resumes from ``resume_step`` or the newest intact checkpoint; sets the others aside.
+
+  Damaged checkpoints newer than the one restored, and (with ``resume_step``) every later one,
+  move to ``workdir/checkpoints_set_aside/`` so the resumed run saves its own under their steps.
+
+  Returns:
+    ``(state, restored step)``; ``(state, None)`` when there is no checkpoint yet.
+  """
+  if resume_step is None and not checkpointer.steps:
+    return state, None
+  # The fresh state's shapes and shardings are the restore target: no second abstract build.
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  state, restored = checkpointer.restore(target, data_iter, step=resume_step)
+  for damaged in checkpointer.damaged:
+    checkpointer.set_aside(damaged.step, "damaged")
+  if resume_step is not None:
+    for later in [s for s in checkpointer.steps if s > resume_step]:
+      checkpointer.set_aside(later, "superseded")
+  return state, restored
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       resume_step: int | None = None):
   """Trains (or resumes) the run in ``workdir``; returns the final train state.
 
+  Args:
+    config: the run config (validated first).
+    workdir: checkpoints, logs and samples (local or ``gs://``).
+    resume_step: resume from this checkpoint step instead of the newest intact one; later
+      checkpoints are moved to ``workdir/checkpoints_set_aside/``.
+
   Raises:
-    ValueError: for an invalid config (before anything is compiled).
-    NonFiniteLossError: when the loss becomes NaN/inf; the last checkpoint stays the last good one.
+    pfm.errors.ConfigError: for an invalid config (before anything is compiled).
+    NonFiniteLossError: when the loss, the gradients or the updated state become NaN/inf, or the
+      updated parameters give a non-finite loss at a checkpoint step; nothing bad is saved and
+      the last checkpoint stays the last good one.
+    pfm.checkpointing.CheckpointSaveError: as soon as a checkpoint fails to write (a full disk).
+    pfm.checkpointing.CheckpointError: if ``resume_step`` does not exist or is damaged, or no
+      checkpoint is intact.
   """
-  from clu import metric_writers, parameter_overview, periodic_actions
-  from pfm import sample as sample_lib
+  from clu import metric_writers, parameter_overview
 
   config_lib.validate(config)
   mesh = parallel.create_mesh(config)
@@ -293,23 +358,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_checkpoints)
-  if checkpointer.latest_step is not None:
-    # The fresh state's shapes and shardings are the restore target: no second abstract build.
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    state, restored = checkpointer.restore(target, data_iter)
+  failed = True
+  try:
+    state = _train_loop(config, workdir, graphdef, state, shardings, mesh, rules, data_iter,
+                        checkpointer, writer, num_params, resume_step)
+    failed = False
+  finally:
+    checkpointer.close(check=not failed)
+    writer.flush()
+  return state
+
+
+def _train_loop(config, workdir, graphdef, state, shardings, mesh, rules, data_iter,
+                checkpointer, writer, num_params, resume_step):
+  """The loop of `train_and_evaluate`: restore, steps, checks, checkpoints, samples."""
+  from clu import periodic_actions
+  from pfm import sample as sample_lib
+
+  state, restored = _restore(checkpointer, state, data_iter, resume_step)
+  if restored is not None:
     parallel.check_sharding(state, mesh, rules)
     logging.info("Resumed from step %d in %s", restored, workdir)
   start_step = int(state["step"])
-  last_good = checkpointer.latest_step
+  last_good = restored
 
   step_fn = make_train_step(config, graphdef, shardings)
+  obj = objective_config(config)
+  loss_after_update = jax.jit(functools.partial(checkpoint_loss, graphdef=graphdef, obj=obj))
   schedule = learning_rate_schedule(config)
   num_steps = config.train.num_steps
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.train.log_every_steps)
   if start_step == 0:
     writer.write_hparams(config_lib.flatten(config) | {"num_params": num_params})
+
+  def is_sample_step(step):
+    return config.sample.num_videos and (
+        step % config.train.sample_every_steps == 0 or step == num_steps)
+
+  def write_samples(step, state):
+    with report.timed("sample"):
+      sampler = sample_lib.Sampler(config, graphdef, parallel.replicated(state["ema_params"], mesh))
+      sample_lib.write_training_samples(sampler, config, workdir, step, writer)
+
+  # A run killed after a checkpoint but before that step's samples were written (the final
+  # samples above all) writes them now.
+  if restored is not None and is_sample_step(start_step) and not _samples_written(
+      workdir, start_step):
+    logging.info("Writing the samples of step %d, which the previous run did not finish",
+                 start_step)
+    write_samples(start_step, state)
+
   pending, pad_fractions = [], []
   # Model FLOPs of this process's rows (analytic, from the token counts of every stage and
   # history) against its devices' peak: the datasheet figure, or a matmul rate measured now.
@@ -327,9 +426,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     meter.add(batch)
     with report.timed("train_step", wait_jax_async_dispatch=False):
       with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        state, metrics = step_fn(state, parallel.global_batch(batch, mesh))
+        device_batch = parallel.global_batch(batch, mesh)
+        state, metrics = step_fn(state, device_batch)
     pending.append(metrics)
     report(step)
+    _stop_on_failed_save(checkpointer.check, step)  # now, not one checkpoint later
     if step == start_step + 1:  # the first step compiles: keep it out of the rates
       jax.block_until_ready(metrics)
       meter.metrics(1.0)
@@ -340,10 +441,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       scalars, stacked = _mean_metrics(pending)
       if np.any(stacked["finite"] < 1.0):
         bad = step - len(pending) + 1 + int(np.argmin(stacked["finite"]))
-        checkpointer.close()
         raise NonFiniteLossError(
-            f"loss or gradient became NaN/inf at step {bad} (loss={scalars['loss']}); the last "
-            f"good checkpoint is step {last_good} in {workdir}/checkpoints")
+            f"loss, gradient or parameters became NaN/inf at step {bad} "
+            f"(loss={scalars['loss']:.4g}, grad_norm={scalars['grad_norm']:.4g}); "
+            f"{_last_good(last_good, workdir)}")
       scalars.pop("finite")
       scalars["learning_rate"] = float(schedule(step - 1))  # the rate the last update used
       scalars["padding_fraction"] = float(np.mean(pad_fractions))
@@ -354,35 +455,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       writer.write_scalars(step, scalars)
       pending, pad_fractions = [], []
     if checkpoint_now:
-      checkpointer.save(step, state, data_iter)
+      # The state itself is checked before it is saved: every value finite, and the updated
+      # parameters' loss on this batch finite (one forward pass).
+      state_report = checkpointing.inspect_state(state)
+      with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        loss = float(loss_after_update(state["params"], state["rng"], step, device_batch))
+      if state_report.num_nonfinite or not np.isfinite(loss):
+        what = (f"holds {state_report.nonfinite_summary()}" if state_report.num_nonfinite
+                else f"gives a loss of {loss} with its updated parameters")
+        raise NonFiniteLossError(f"the train state after step {step} {what}: diverged, not "
+                                 f"checkpointed; {_last_good(last_good, workdir)}")
+      _stop_on_failed_save(
+          functools.partial(checkpointer.save, step, state, data_iter, report=state_report), step)
       last_good = step
-    if config.sample.num_videos and (step % config.train.sample_every_steps == 0 or is_last):
-      with report.timed("sample"):
-        sampler = sample_lib.Sampler(config, graphdef,
-                                     parallel.replicated(state["ema_params"], mesh))
-        sample_lib.write_training_samples(sampler, config, workdir, step, writer)
-  checkpointer.close()
-  writer.flush()
+    if is_sample_step(step):
+      write_samples(step, state)
   logging.info("Trained %d steps in %.1f s", num_steps - start_step, time.time() - t_start)
   return state
 
 
-class _QuietLibraries:
-  """An absl log filter that keeps INFO lines of pfm and drops those of chatty libraries."""
+def _stop_on_failed_save(fn, step: int):
+  """Runs ``fn``; a `CheckpointSaveError` is re-raised saying where training stopped."""
+  try:
+    return fn()
+  except checkpointing.CheckpointSaveError as e:
+    raise checkpointing.CheckpointSaveError(f"{e}; training stopped at step {step}") from e
 
-  def filter(self, record) -> bool:
-    return record.levelno > logging.converter.STANDARD_INFO or "orbax" not in record.pathname
+
+def _last_good(step: int | None, workdir: str) -> str:
+  if step is None:
+    return f"no checkpoint was written in {workdir}/checkpoints"
+  return f"the last good checkpoint is step {step} in {workdir}/checkpoints"
 
 
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  errors.quiet_library_tracebacks()
   jax.config.update("jax_threefry_partitionable", True)
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if jax.process_index() > 0:  # one log for the run: process 0's; the others report problems
     logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
-  train_and_evaluate(config, FLAGS.workdir)
+  train_and_evaluate(config, FLAGS.workdir, resume_step=FLAGS.resume_step)
 
 
 if __name__ == "__main__":
@@ -393,5 +507,8 @@ if __name__ == "__main__":
                       " detected on TPU slices and under SLURM).")
   flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
   flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+  flags.DEFINE_integer("resume_step", None,
+                       "Resume from this checkpoint step (default: the newest intact one); later "
+                       "checkpoints move to WORKDIR/checkpoints_set_aside/.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(errors.exit_on_user_error(main, "pfm.train"))

@@ -246,16 +246,17 @@ def test_manifest_skips_bad_records(media_dir, tmp_path):
            for name in ("good.mp4", "corrupt.mp4", "short.mp4", "truncated.mp4", "missing.mp4")]
   lines.append(f'{{"image": "{rel}/still.png", "text": "still"}}')
   path.write_text("\n".join(lines) + "\n")
-  records = manifest.load_manifest(str(path))
+  records, line_report = manifest.load_manifest(str(path))
   assert records[0]["video"] == str(media_dir / "good.mp4")
+  assert line_report.total == line_report.usable == 6 and not line_report.skipped
   usable, report = manifest.validate_records(records, min_frames=7, source=str(path))
   assert [os.path.basename(manifest.record_path(r)) for r in usable] == ["good.mp4", "still.png"]
   assert usable[0]["num_frames"] == 12
-  assert report.counts == {"unreadable": 2, "too_short": 1, "truncated": 1}
+  assert report.counts == {"unreadable": 1, "missing": 1, "too_short": 1, "truncated": 1}
   assert report.skipped == 4 and report.usable == 2 and report.total == 6
   # The pipeline skips them too and exposes the counts.
   ds = pipeline.create_dataset(_config(str(path)), seed=0)
-  assert pipeline.skip_counts()["unreadable"] == 2
+  assert pipeline.skip_counts()["unreadable"] == 1 and pipeline.skip_counts()["missing"] == 1
   assert pipeline.skip_report().usable == 2
   assert next(iter(ds))["segment_ids"].max() > 0
 

