@@ -33,6 +33,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from pfm import errors
+
 FLAGS = flags.FLAGS
 
 
@@ -301,6 +303,7 @@ def _format(value) -> str:
 
 def main(argv):
   del argv
+  errors.quiet_library_tracebacks()
   kwargs = {}
   if (FLAGS.benchmark == "throughput"
       and "model.variant" in config_flags.get_override_values(FLAGS["config"])):
@@ -315,4 +318,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=False)
   flags.DEFINE_enum("benchmark", "sample_cache", list(BENCHMARKS), "What to measure.")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(errors.exit_on_user_error(main, "pfm.benchmark"))
