@@ -14,14 +14,14 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from configs import args
+
+VARIANTS = ("smoke",)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the default config; ``arg`` is a comma-separated list of variants (``smoke``)."""
-  variants = set(filter(None, (arg or "").split(",")))
-  unknown = variants - {"smoke"}
-  if unknown:
-    raise ValueError(f"unknown config variants {sorted(unknown)}; known: smoke")
-  smoke = "smoke" in variants
+  smoke = "smoke" in args.parse_variants(arg, VARIANTS)
   c = ml_collections.ConfigDict()
   c.seed = 0
   # "autoregressive": frame unit after frame unit with a history (Pyramidal Flow Sec. 3.3);
@@ -147,7 +147,7 @@ def sweep(arg: str | None = None) -> list[dict[str, object]]:
   default learning rate is kept: two short runs that check the sweep end to end.
   """
   base = get_config(arg).optimizer.learning_rate
-  smoke = "smoke" in set(filter(None, (arg or "").split(",")))
+  smoke = "smoke" in args.parse_variants(arg, VARIANTS)
   learning_rates = (base,) if smoke else (base / 2, base, base * 2)
   return [{"optimizer.learning_rate": lr, "pyramid.partition": partition}
           for lr in learning_rates for partition in ("", "2-1-1")]

@@ -19,18 +19,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import args
 from configs import default
-from pfm.pyramid import stages
 
 VARIANTS = ("ddim", "smoke")
-
-
-def parse_variants(arg: str | None) -> set[str]:
-  variants = set(filter(None, (arg or "").split(",")))
-  unknown = variants - set(VARIANTS)
-  if unknown:
-    raise ValueError(f"unknown config variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
-  return variants
 
 
 def full_sequence_config(arg: str | None, *, num_stages: int, spatial: bool,
@@ -45,7 +37,7 @@ def full_sequence_config(arg: str | None, *, num_stages: int, spatial: bool,
     frame_rate_schedule: frame-rate reduction per jump, coarsest first ("" = none, "2", "4-2").
     partition: relative lengths of the stage windows, coarsest first ("" = uniform, "2-1-1").
   """
-  variants = parse_variants(arg)
+  variants = args.parse_variants(arg, VARIANTS)
   smoke = "smoke" in variants
   c = default.get_config("smoke" if smoke else None)
   c.mode = "full_sequence"
@@ -72,8 +64,11 @@ def full_sequence_config(arg: str | None, *, num_stages: int, spatial: bool,
   c.pyramid.stage_consistent_rope = True             # TPDiff Eq. 14
 
   c.sample.num_frames = 8
-  # 30 steps in all (TPDiff Table 3), split over the stages as the partition splits the time axis.
-  c.sample.steps_per_stage = stages.split_steps(30, partition, num_stages)
+  # 30 steps in all (TPDiff Table 3), split over the stages as the partition splits the time
+  # axis (pfm.spec.resolve; a --config.pyramid.partition override moves the steps too), unless
+  # steps_per_stage gives them.
+  c.sample.total_steps = 30
+  c.sample.steps_per_stage = ()
   c.sample.guidance_scale = 4.0
 
   if smoke:

@@ -34,23 +34,31 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from pfm import errors
+from pfm import sample as sample_lib
+from pfm import spec as spec_lib
+from pfm import state as state_lib
+from pfm import throughput as throughput_lib
+from pfm import train
+from pfm import validation
+from pfm.data import alignment as alignment_lib
+from pfm.data import layout
+from pfm.data import pipeline
 
 FLAGS = flags.FLAGS
 
 
 def sample_cache(config, *, prompt: str = "a benchmark prompt", seed: int = 0) -> dict:
   """Returns ``{"full_s", "cached_s", "speedup"}`` for sampling one video both ways."""
-  from pfm import sample, train
-
   config = config.copy_and_resolve_references()
   config.model.text_time_conditioning = False
-  graphdef, state = train.init_state(config)
+  spec = validation.validate(config)
+  graphdef, state = state_lib.init_state(spec)
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype),
                         state["params"])
   seconds = {}
   for name, cache in (("full_s", False), ("cached_s", True)):
-    sampler = sample.Sampler(config, graphdef, params)
+    sampler = sample_lib.Sampler(spec, graphdef, params)
     sampler.caches_context = cache
     sampler.generate(prompt, progress=False)  # compile (shapes depend on num_frames)
     start = time.perf_counter()
@@ -72,8 +80,6 @@ def alignment(config, *, repeats: int = 20, seed: int = 0) -> dict:
     ``{"paper_ms_batch4": 5.1, "paper_ms_batch8": 9.6, "paper_ms_batch16": 17.8}`` (their
     hardware and sample size, for reference), all floats.
   """
-  from pfm.data import alignment as alignment_lib
-
   data = config.data
   sizes = dict.fromkeys((int(data.num_frames * data.height * data.width * 3), 16 * 4 * 64 * 64))
   rng = np.random.default_rng(seed)
@@ -100,10 +106,9 @@ PYRAMIDS = {  # name -> (spatial, frame-rate schedule, partition)
 }
 
 
-def _variant(config, spatial: bool, schedule: str, partition: str, total_steps: int):
-  """``config`` as a 3-stage full-sequence pyramid (or 1 stage for ``vanilla``)."""
-  from pfm.pyramid import stages
-
+def _variant(config, spatial: bool, schedule: str, partition: str,
+             total_steps: int) -> spec_lib.RunSpec:
+  """``config`` as a 3-stage full-sequence pyramid (or 1 stage for ``vanilla``), validated."""
   c = config.copy_and_resolve_references()
   c.mode = "full_sequence"
   c.model.text_time_conditioning = False
@@ -112,22 +117,19 @@ def _variant(config, spatial: bool, schedule: str, partition: str, total_steps: 
   c.pyramid.spatial, c.pyramid.frame_rate_schedule = spatial, schedule
   c.pyramid.partition = "" if vanilla else partition
   c.pyramid.stage_weights = (1.0,) * c.pyramid.num_stages
-  c.sample.steps_per_stage = stages.split_steps(total_steps, c.pyramid.partition,
-                                                c.pyramid.num_stages)
-  return c
+  c.sample.total_steps = total_steps  # split over the stages as the partition splits time
+  c.sample.steps_per_stage = ()
+  return validation.validate(c)
 
 
-def _train_seconds_per_sample(config, graphdef, state, *, repeats: int, seed: int) -> float:
+def _train_seconds_per_sample(spec: spec_lib.RunSpec, graphdef, state, *, repeats: int,
+                              seed: int) -> float:
   """Mean over stages (weights ``stage_weights``) of train-step seconds per clip, one per row."""
-  from pfm import config as config_lib
-  from pfm import train
-  from pfm.data import layout
-
-  pyramid = config_lib.pyramid(config)
+  pyramid, config = spec.pyramid, spec.config
   data, p = config.data, config.model.patch_size
   rng = np.random.default_rng(seed)
   frames = rng.uniform(-1, 1, (data.num_frames, data.height, data.width, 3)).astype(np.float32)
-  step_fn = train.make_train_step(config, graphdef)
+  step_fn = train.make_train_step(spec, graphdef)
   weights = np.asarray(config.pyramid.stage_weights, np.float64)
   seconds = []
   for k in range(pyramid.num_stages):
@@ -160,18 +162,16 @@ def pyramids(config, *, total_steps: int = 30, repeats: int = 3, train_repeats: 
     for one clip of ``config.sample.num_frames`` frames (median of ``repeats``, compiled, with
     classifier-free guidance) and train-step milliseconds per clip.
   """
-  from pfm import sample, train
-
   base = _variant(config, False, "", "", total_steps)
-  graphdef, state = train.init_state(base)
+  graphdef, state = state_lib.init_state(base)
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype),
                         state["params"])
   variants = {"vanilla": base} | {
-      name: _variant(config, *spec, total_steps) for name, spec in PYRAMIDS.items()}
+      name: _variant(config, *pyramid, total_steps) for name, pyramid in PYRAMIDS.items()}
   result = {}
   for name, c in variants.items():
-    sampler = sample.Sampler(c, graphdef, params)
+    sampler = sample_lib.Sampler(c, graphdef, params)
     sampler.generate(prompt, progress=False)  # compile
     times = []
     for _ in range(repeats):
@@ -225,20 +225,17 @@ def throughput(config, *, variant: str | None = THROUGHPUT_VARIANT, steps: int =
     ``attention_useful_share`` (useful / dense attention FLOPs), ``attention_dense_share``
     (attention / all dense FLOPs); ``video_padding``, ``text_padding`` (fractions of slots).
   """
-  from pfm import throughput as throughput_lib
-  from pfm import train
-  from pfm.data import pipeline
-
   config = config.copy_and_resolve_references()
   if variant is not None:
     config.model.variant = variant
-  model_config = throughput_lib.mmdit_config(config)
-  data_iter = iter(pipeline.create_dataset(config, seed=seed))
+  spec = validation.validate(config)
+  model_config = spec.model
+  data_iter = iter(pipeline.create_dataset(spec, seed=seed))
   batches = [next(data_iter) for _ in range(max(steps, 1) + 1)]
-  graphdef, state = train.init_state(config)
+  graphdef, state = state_lib.init_state(spec)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   start = time.perf_counter()
-  step_fn = train.make_train_step(config, graphdef).lower(state, batches[0]).compile()
+  step_fn = train.make_train_step(spec, graphdef).lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - start
   state, metrics = step_fn(state, batches[0])  # warm-up
   jax.block_until_ready(metrics)

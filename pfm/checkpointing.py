@@ -381,9 +381,11 @@ class Checkpointer:
       return
     self._discard_partial(step)
     cause = one_line_cause(error) if error is not None else "it did not commit"
+    latest = self.latest_step
+    kept = ("no checkpoint was committed" if latest is None
+            else f"the newest committed checkpoint is {latest}")
     raise CheckpointSaveError(
-        f"checkpoint {step} could not be written to {self.directory}: {cause}; the newest "
-        f"committed checkpoint is {self.latest_step}") from error
+        f"checkpoint {step} could not be written to {self.directory}: {cause}; {kept}") from error
 
   def _rotate(self, keep: int | None) -> None:
     """Deletes all but the newest ``keep`` committed checkpoints (process 0 deletes)."""

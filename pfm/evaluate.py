@@ -16,7 +16,9 @@ from absl import app, flags, logging
 import numpy as np
 
 from pfm import errors
+from pfm import sample as sample_lib
 from pfm.data import manifest as manifest_lib
+from pfm.data import pipeline
 from pfm.data import video as video_lib
 
 FLAGS = flags.FLAGS
@@ -41,7 +43,7 @@ def nearest_video_assignment(generated: list[np.ndarray], references: list[np.nd
   return d, np.argmin(d, axis=1)
 
 
-def prompt_to_video(sampler, records: list[dict], *, seed: int = 0, **generate_kwargs) -> dict:
+def prompt_to_video(sampler: sample_lib.Sampler, records: list[dict], *, seed: int = 0, **generate_kwargs) -> dict:
   """Generates one video per record caption and assigns each to its nearest training video.
 
   Returns:
@@ -65,11 +67,8 @@ def prompt_to_video(sampler, records: list[dict], *, seed: int = 0, **generate_k
 def main(argv):
   del argv
   errors.quiet_library_tracebacks()
-  from pfm import sample as sample_lib
-  from pfm.data import pipeline
-
   sampler = sample_lib.Sampler.from_workdir(FLAGS.workdir, FLAGS.step)
-  records, _ = pipeline.load_records(sampler.config)
+  records, _ = pipeline.load_records(sampler.spec)
   result, _ = prompt_to_video(sampler, records, seed=FLAGS.seed)
   print(json.dumps(result, indent=2))
   with open(os.path.join(FLAGS.workdir, "prompt_to_video.json"), "w") as f:

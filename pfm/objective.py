@@ -24,8 +24,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pfm.data import layout
-from pfm.pyramid import paths, schedules
+from pfm.pyramid import paths, schedules, tokens
 
 BOS_TOKEN = 1  # every caption starts with it; a dropped caption keeps only it (the null caption)
 
@@ -150,7 +149,7 @@ def start_mean_tokens(clean_tokens, path, config: ObjectiveConfig):
   Temporally, a token's block is the tokens at its place in the frames that one coarse frame
   duplicates into (``temporal_block_offset`` points at the first); their mean is a segment mean
   keyed by the first token's index. Spatially the 2x2 blocks lie inside each token
-  (``layout.patch_start_mean``). The coarsest stage's start mean is zero.
+  (``tokens.patch_start_mean``). The coarsest stage's start mean is zero.
 
   Args:
     clean_tokens: float32 [B, L, P]. path: from ``corrupt_packed_batch``. config: settings.
@@ -168,7 +167,7 @@ def start_mean_tokens(clean_tokens, path, config: ObjectiveConfig):
 
   mean = jax.vmap(block_mean)(clean_tokens, block)
   if config.spatial_jump == 2:
-    mean = layout.patch_start_mean(mean, config.patch_size)
+    mean = tokens.patch_start_mean(mean, config.patch_size)
   return jnp.where(path["coarsest"], 0.0, mean)
 
 

@@ -10,7 +10,7 @@ One config section chooses the parallelism; the model never names a device:
 
 `create_mesh` builds a `jax.sharding.Mesh` with the axes in `MESH_AXES` (outermost first, so
 `tensor`, the most communication-hungry, is innermost: neighbouring devices on the fastest links,
-and `data` spans hosts). Parameters carry logical axis names (`pfm.models.partitioning`); the rules
+and `data` spans hosts). Parameters carry logical axis names (`pfm.models.axes`); the rules
 map them, and the names of the main activations, onto mesh axes. With the default rules:
 
 - `data`: activations' batch axis only; parameters replicated.

@@ -9,7 +9,8 @@ Two modes, as the run was trained (``config.mode``):
   later frames.
 * full sequence: the whole clip at once through the stages of its pyramid (spatial, frame-rate
   (TPDiff Sec. 3.6) or both), Euler for flow matching and DDIM for the variance-preserving form,
-  ``sample.steps_per_stage`` steps per stage. ``num_frames`` may exceed the training clip
+  ``RunSpec.steps_per_stage`` steps per stage (``sample.steps_per_stage``, or
+  ``sample.total_steps`` split as the partition splits the time axis). ``num_frames`` may exceed the training clip
   (TPDiff Appendix A.6).
 
 Both run the pure samplers of ``pfm.pyramid.samplers`` with the MM-DiT as ``model_fn``.
@@ -34,11 +35,14 @@ import ml_collections
 from etils import epath
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from pfm import checkpointing
-from pfm import config as config_lib
 from pfm import errors
+from pfm import spec as spec_lib
+from pfm import state as state_lib
 from pfm.data import layout
+from pfm.pyramid import tokens as tokens_lib
 from pfm.data import text as text_lib
 from pfm.data import video as video_lib
 from pfm.pyramid import paths, samplers
@@ -54,23 +58,24 @@ class Sampler:
   """Text-to-video and text-conditioned image-to-video generation from a trained MM-DiT.
 
   Args:
-    config: the run config (``workdir/config.json``).
+    spec: the run spec (``pfm.spec.resolve`` of ``workdir/config.json``).
     graphdef: the model's ``nnx.GraphDef``.
     params: the parameters to sample with (the EMA parameters of a checkpoint).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, graphdef, params):
-    self.config = config
+  def __init__(self, spec: spec_lib.RunSpec, graphdef, params):
+    self.spec = spec
+    self.config = spec.config
     self._graphdef = graphdef
     self._params = params
-    self.mode = config_lib.mode(config)
-    self._pyramid = config_lib.pyramid(config)
+    self.mode = spec.mode
+    self._pyramid = spec.pyramid
     self._min_noise = 1e-3  # the last step of the last stage lands on the clean prediction
     self._sample_unit = jax.jit(self._sample_unit_impl, static_argnames=("steps",))
     self._sample_clip = jax.jit(self._sample_clip_impl, static_argnames=("steps", "num_frames"))
     # Caption and history keys/values are reusable across Euler steps only when the caption is
     # not conditioned on the sampling time.
-    self.caches_context = not config.model.get("text_time_conditioning", True)
+    self.caches_context = not spec.model.text_time_conditioning
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> "Sampler":
@@ -85,13 +90,11 @@ class Sampler:
       pfm.checkpointing.CheckpointError: if there is no intact checkpoint, or ``step`` is missing
         or damaged.
     """
-    from pfm import train  # the train state layout lives there
-
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
       raise errors.NotAWorkdirError(f"{path} not found: is {workdir} a pfm.train workdir?")
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
-    graphdef, abstract = train.abstract_state(config)
+    spec = spec_lib.resolve(ml_collections.ConfigDict(json.loads(path.read_text())))
+    graphdef, abstract = state_lib.abstract_state(spec)
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
       state, restored = checkpointer.restore(
@@ -99,7 +102,7 @@ class Sampler:
     finally:
       checkpointer.close(check=False)
     logging.info("Sampling with the EMA parameters of checkpoint %d in %s", restored, workdir)
-    return cls(config, graphdef, state["ema_params"])
+    return cls(spec, graphdef, state["ema_params"])
 
   # -- one frame unit through all stages ---------------------------------------------------------
 
@@ -129,9 +132,9 @@ class Sampler:
 
     def model_fn(x, t, k):
       hk, wk, _ = self._pyramid.stage_shape((height, width, 3), k)
-      grid = layout.grid_positions((hk // p, wk // p), (hk // p, wk // p))
+      grid = tokens_lib.grid_positions((hk // p, wk // p), (hk // p, wk // p))
       current = dict(
-          video_tokens=both(layout.patchify(x, p)), video_t=jnp.full((2, len(grid)), t),
+          video_tokens=both(tokens_lib.patchify(x, p)), video_t=jnp.full((2, len(grid)), t),
           video_segment_ids=jnp.ones((2, len(grid)), jnp.int32),
           frame_index=jnp.full((2, len(grid)), frame_i, jnp.int32),
           positions=both(jnp.asarray(grid)))
@@ -148,7 +151,7 @@ class Sampler:
       n = len(grid)
       out_cond, out_null = pred[0, :n], pred[1, :n]
       # Guidance is linear in the output, and the output is affine in the target.
-      out = layout.unpatchify(out_null + guidance_scale * (out_cond - out_null), p, hk, wk)
+      out = tokens_lib.unpatchify(out_null + guidance_scale * (out_cond - out_null), p, hk, wk)
       return self._to_target(x, out, t, k)
 
     return samplers.sample_pyramid(model_fn, key, (height, width, 3), self._pyramid, steps)
@@ -173,7 +176,7 @@ class Sampler:
     cfg = self.config
     p = cfg.model.patch_size
     pyramid = self._pyramid
-    consistent = cfg.pyramid.get("stage_consistent_rope", True)
+    consistent = cfg.pyramid.stage_consistent_rope
     model = nnx.merge(self._graphdef, params)
     both = lambda a: jnp.broadcast_to(a, (2, *a.shape))  # row 0 prompt, row 1 null caption
     text = dict(text_tokens=text_tokens, text_segment_ids=text_segment_ids)
@@ -188,9 +191,9 @@ class Sampler:
       tk, hk, wk, _ = x.shape
       per_frame = (hk // p) * (wk // p)
       n = tk * per_frame
-      grid = layout.grid_positions((hk // p, wk // p), (hk // p, wk // p))
+      grid = tokens_lib.grid_positions((hk // p, wk // p), (hk // p, wk // p))
       current = dict(
-          video_tokens=both(layout.patchify(x, p).reshape(n, -1)),
+          video_tokens=both(tokens_lib.patchify(x, p).reshape(n, -1)),
           video_t=jnp.full((2, n), t), video_segment_ids=jnp.ones((2, n), jnp.int32),
           frame_index=jnp.zeros((2, n), jnp.int32),
           positions=both(jnp.asarray(np.tile(grid, (tk, 1)))),
@@ -201,7 +204,7 @@ class Sampler:
       else:
         pred = model(**current, text_t=jnp.full(text_tokens.shape, t), **text)
       out = pred[1] + guidance_scale * (pred[0] - pred[1])
-      out = layout.unpatchify(out.reshape(tk, per_frame, -1), p, hk, wk)
+      out = tokens_lib.unpatchify(out.reshape(tk, per_frame, -1), p, hk, wk)
       return self._to_target(x, out, t, k)
 
     shape = (num_frames, cfg.data.height, cfg.data.width, 3)
@@ -239,7 +242,7 @@ class Sampler:
         full-sequence mode a multiple of the coarsest stage's frame-rate reduction).
       first_frame_steps, later_frame_steps: steps per stage, coarsest first (autoregressive);
         ``first_frame_steps`` also sets the steps per stage of the full-sequence mode (default
-        ``config.sample.steps_per_stage``).
+        ``RunSpec.steps_per_stage``).
       guidance_scale, video_guidance_scale: classifier-free guidance for the first / later units
         (the full-sequence mode uses ``guidance_scale``).
       seed: sampling seed; the same seed gives the same video.
@@ -255,8 +258,6 @@ class Sampler:
         >= 1 step to each stage, a non-finite guidance scale, an image in the full-sequence mode,
         or a frame count the pyramid does not divide.
     """
-    from tqdm.auto import tqdm
-
     s = self.config.sample
     num_frames = s.num_frames if num_frames is None else num_frames
     self._check_arguments(num_frames, first_frame_steps, later_frame_steps, guidance_scale,
@@ -264,8 +265,8 @@ class Sampler:
     if self.mode == "full_sequence":
       return self._generate_clip(prompt, num_frames, first_frame_steps, guidance_scale, seed,
                                  image)
-    first_frame_steps = tuple(first_frame_steps or s.first_frame_steps)
-    later_frame_steps = tuple(later_frame_steps or s.later_frame_steps)
+    first_frame_steps = tuple(first_frame_steps or self.spec.first_frame_steps)
+    later_frame_steps = tuple(later_frame_steps or self.spec.later_frame_steps)
     guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
     video_guidance_scale = (s.video_guidance_scale if video_guidance_scale is None
                             else video_guidance_scale)
@@ -333,36 +334,12 @@ class Sampler:
       raise SamplerArgumentError(f"num_frames={num_frames} is not divisible by the coarsest "
                                  f"stage's frame-rate reduction {coarsest}")
     s = self.config.sample
-    steps = tuple(steps or s.steps_per_stage)
+    steps = tuple(steps or self.spec.steps_per_stage)
     guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
     text_tokens, text_segment_ids = self._caption_arrays(prompt)
     x = self._sample_clip(self._params, jax.random.key(seed), text_tokens, text_segment_ids,
                           jnp.float32(guidance_scale), steps=steps, num_frames=num_frames)
     return video_lib.to_uint8(np.asarray(jnp.clip(x, -1.0, 1.0)))
-
-
-def write_training_samples(sampler: Sampler, config, workdir: str, step: int, writer) -> dict:
-  """Samples the first ``config.sample.num_videos`` captions of the manifest and scores them.
-
-  Writes ``workdir/samples/step_N/sample_i.mp4``, frame strips and the prompt-to-video accuracy
-  (``pfm.evaluate``) to TensorBoard, and ``prompt_to_video.json`` beside the videos.
-  """
-  from pfm import evaluate
-  from pfm.data import pipeline
-
-  records, _ = pipeline.load_records(config)
-  result, videos = evaluate.prompt_to_video(sampler, records[:config.sample.num_videos])
-  out_dir = os.path.join(workdir, "samples", f"step_{step:07d}")
-  if jax.process_index() == 0:
-    for n, frames in enumerate(videos):
-      video_lib.write_mp4(os.path.join(out_dir, f"sample_{n}.mp4"), frames)
-    (epath.Path(out_dir) / "prompt_to_video.json").write_text(json.dumps(result, indent=2))
-    writer.write_images(step, {f"samples/{n}": np.concatenate(list(v), axis=1)[None]
-                               for n, v in enumerate(videos)})
-    writer.write_scalars(step, {"eval/prompt_to_video_accuracy": result["accuracy"]})
-  logging.info("Step %d: %d of %d prompts land on their own video; samples in %s", step,
-               result["hits"], result["num_prompts"], out_dir)
-  return result
 
 
 def check_writable(path: str) -> None:

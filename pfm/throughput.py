@@ -11,7 +11,7 @@ Counts are computed on the host from the NumPy packed batch (`pfm.data.pipeline`
 (about 0.3 ms per batch of 4 rows), so a training loop can call them every step. Two figures:
 
 * ``*_useful``: the work the model needs: linear layers on non-padding tokens, attention only on
-  (query, key) pairs the mask allows (`pfm.models.attention`: same non-zero segment and
+  (query, key) pairs the mask allows (`pfm.models.masks`: same non-zero segment and
   frame(key) <= frame(query)), without the text-query rows of the last block (its pre-only text
   stream drops them). This is the numerator of MFU.
 * ``*_dense``: what the dense ``"xla"`` attention backend executes: every linear on every token
@@ -30,8 +30,8 @@ that rate stands in for the peak ("measured matmul").
 
 Use in a training loop (host batch as NumPy, step times in seconds)::
 
-  peak, peak_label = default_peak(config.model.dtype)   # once; measures a matmul on a CPU
-  meter = ThroughputMeter(mmdit_config(config), num_devices=jax.device_count(), peak=peak)
+  peak, peak_label = default_peak(spec.model.dtype)     # once; measures a matmul on a CPU
+  meter = ThroughputMeter(spec.model, num_devices=jax.device_count(), peak=peak)
   ...
   meter.add(batch)                   # every step: the global batch of that step
   ...
@@ -54,8 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pfm.models import attention
-from pfm.models.mmdit import MMDiTConfig, model_config
+from pfm.models import masks
+from pfm.models.presets import MMDiTConfig
 
 # Dense (non-sparse) peak matmul rate per chip in FLOP/s, by compute dtype. Sources: Google Cloud
 # TPU system architecture pages (v4, v5e, v5p, v6e "Trillium": bf16 per chip), NVIDIA A100
@@ -177,7 +177,7 @@ def default_peak(dtype: Any = "float32", *, device_kind: str | None = None,
 def allowed_pairs(segment_ids: np.ndarray, frames: np.ndarray) -> np.ndarray:
   """Per row, the number of (query, key) pairs the attention mask allows, counted from metadata.
 
-  Self-attention with the mask of `pfm.models.attention.make_attention_mask`: segment(q) ==
+  Self-attention with the mask of `pfm.models.masks.make_attention_mask`: segment(q) ==
   segment(k) != 0 and frame(k) <= frame(q). Per row and segment, every query of frame f sees the
   keys of frames <= f: the sum over frames of count(f) * cumulative count(<= f). Vectorised (one
   sort of the tokens), no dense mask.
@@ -304,7 +304,7 @@ def step_flops(batch: Mapping[str, Any], config: MMDiTConfig) -> dict[str, float
 
   joint_seg = np.concatenate([text_seg, seg], axis=1)
   joint_frame = np.concatenate(
-    [np.full(text_seg.shape, attention.TEXT_FRAME, np.int64), np.asarray(frame, np.int64)],
+    [np.full(text_seg.shape, masks.TEXT_FRAME, np.int64), np.asarray(frame, np.int64)],
     axis=1)
   joint = allowed_pairs(joint_seg, joint_frame).sum()
   # Joint blocks (the last drops its text-query rows) and text-encoder layers.
@@ -356,25 +356,12 @@ def throughput_metrics(flops: float, tokens: float, seconds: float, num_devices:
   return out
 
 
-def mmdit_config(config) -> MMDiTConfig:
-  """The `MMDiTConfig` of a run config (``config.model.variant``, ``patch_size``, ``dtype``).
-
-  Only the fields that change the FLOP count or the peak are carried over, as
-  `pfm.train.build_model` sets them (attention backend, scan and remat change neither).
-
-  Raises:
-    ValueError: for an unknown variant (`pfm.models.model_config`).
-  """
-  m = config.model
-  return model_config(m.variant, patch_size=int(m.patch_size), dtype=str(m.dtype))
-
-
 @dataclasses.dataclass
 class ThroughputMeter:
   """Accumulates step FLOPs and tokens of host batches; turns them into logged rates.
 
   Attributes:
-    config: the model's hyper-parameters (`mmdit_config` of a run config).
+    config: the model's hyper-parameters (``RunSpec.model`` of a run, ``pfm.spec``).
     num_devices: devices that process the batches given to `add`: `jax.device_count()` for the
       global batch, `jax.local_device_count()` for this host's part of it.
     peak: peak FLOP/s per device (`default_peak`), or None (then no ``mfu``).

@@ -8,7 +8,9 @@ and a stop with a clear error on a non-finite loss before any bad state is check
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 import time
 
@@ -23,94 +25,24 @@ import optax
 from flax import nnx
 
 from pfm import checkpointing
-from pfm import config as config_lib
 from pfm import distributed
 from pfm import errors
-from pfm import models
+from pfm import evaluate
 from pfm import objective
 from pfm import parallel
+from pfm import sample as sample_lib
+from pfm import spec as spec_lib
+from pfm import state as state_lib
 from pfm import throughput
+from pfm import validation
 from pfm.data import pipeline
+from pfm.data import video as video_lib
 
 FLAGS = flags.FLAGS
 
 
 class NonFiniteLossError(errors.UserError, FloatingPointError):
   """The loss, the gradient norm or the updated state became NaN or infinite (divergence)."""
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up to ``optimizer.learning_rate``, then constant (paper Table 4)."""
-  o = config.optimizer
-  warmup = max(o.warmup_steps, 1)
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, o.learning_rate, warmup),
-       optax.constant_schedule(o.learning_rate)], [warmup])
-
-
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW of the paper's Table 4 with global-norm gradient clipping."""
-  o = config.optimizer
-  return optax.chain(
-      optax.clip_by_global_norm(o.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
-                  weight_decay=o.weight_decay))
-
-
-def build_model(config: ml_collections.ConfigDict, seed: int = 0) -> models.MMDiT:
-  """The MM-DiT of ``config.model`` for ``3 * patch_size^2``-dim patch tokens."""
-  m = config.model
-  optional = {name: m[name] for name in _OPTIONAL_MODEL_FIELDS if name in m}
-  return models.build_model(
-      models.model_config(m.variant, patch_size=m.patch_size, attention_backend=m.attention,
-                          dtype=m.dtype,
-                          text_time_conditioning=m.get("text_time_conditioning", True),
-                          **optional),
-      rngs=nnx.Rngs(seed))
-
-
-# ``config.model`` fields passed to `MMDiTConfig` under the same name when a config has them.
-_OPTIONAL_MODEL_FIELDS = ("param_dtype", "scan_layers", "remat_policy")
-
-
-def init_state(config: ml_collections.ConfigDict):
-  """Builds the model and the train state pytree.
-
-  Returns:
-    ``(graphdef, state)``; ``state`` is a dict with ``step`` (int32), ``params`` and
-    ``ema_params`` (``nnx.State``), ``opt_state`` and ``rng`` (uint32 [2], the base key).
-  """
-  model = build_model(config, config.seed)
-  graphdef, params = nnx.split(model, nnx.Param)
-  tx = create_optimizer(config)
-  state = dict(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-      ema_params=jax.tree.map(jnp.copy, params), rng=jax.random.PRNGKey(config.seed))
-  return graphdef, state
-
-
-def abstract_state(config: ml_collections.ConfigDict):
-  """``(graphdef, state)`` with ``jax.ShapeDtypeStruct`` leaves: shapes only, nothing allocated."""
-  model = nnx.eval_shape(lambda: build_model(config, config.seed))
-  graphdef, params = nnx.split(model, nnx.Param)
-  tx = create_optimizer(config)
-  state = dict(
-      step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-      opt_state=jax.eval_shape(tx.init, params), ema_params=params,
-      rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-  return graphdef, state
-
-
-def objective_config(config) -> objective.ObjectiveConfig:
-  pyramid = config_lib.pyramid(config)
-  return objective.ObjectiveConfig(
-      windows=pyramid.windows,
-      time_distribution=config.pyramid.time_distribution,
-      history_noise_max=float(config.pyramid.history_noise_max),
-      caption_dropout=float(config.model.caption_dropout),
-      prediction=config.model.prediction, patch_size=int(config.model.patch_size),
-      diffusion=pyramid.diffusion,
-      spatial_jump=pyramid.spatial_factors[1] if pyramid.num_stages > 1 else 1)
 
 
 def microbatch_split(tree, microbatches: int):
@@ -221,50 +153,28 @@ def train_step(state, batch, *, graphdef, tx, obj: objective.ObjectiveConfig, em
   return new_state, metrics
 
 
-def make_train_step(config, graphdef, state_shardings=None):
-  """The jitted `train_step` of ``config`` (state donated).
+def make_train_step(spec: spec_lib.RunSpec, graphdef, state_shardings=None):
+  """The jitted `train_step` of a run spec (state donated).
 
   Args:
     state_shardings: the state's shardings (`pfm.parallel.named_shardings`) to keep the new state
       in the same layout, or None (single device, or let XLA choose).
   """
   step = functools.partial(
-      train_step, graphdef=graphdef, tx=create_optimizer(config), obj=objective_config(config),
-      ema_decay=float(config.optimizer.ema_decay), num_stages=config.pyramid.num_stages,
-      microbatches=int(config.train.get("microbatches", 1)))
+      train_step, graphdef=graphdef, tx=state_lib.create_optimizer(spec), obj=spec.objective,
+      ema_decay=float(spec.config.optimizer.ema_decay), num_stages=spec.num_stages,
+      microbatches=spec.config.train.microbatches)
   if state_shardings is None:
     return jax.jit(step, donate_argnums=0)
   return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None))
 
 
-def create_sharded_state(config, mesh: jax.sharding.Mesh, rules):
-  """The train state created directly in its sharded layout, never whole on one device.
-
-  ``jax.eval_shape`` gives the state's structure and logical names, the rules give each array's
-  sharding, and the initialiser runs jitted with those ``out_shardings``, so every device computes
-  only its own shards of the random initial parameters.
-
-  Returns:
-    ``(graphdef, state, shardings)``.
-  """
-  graphdef, abstract = abstract_state(config)
-  shardings = parallel.named_shardings(abstract, mesh, rules)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    state = jax.jit(lambda: init_state(config)[1], out_shardings=shardings)()
-  return graphdef, state, shardings
-
-
-def sharded_abstract_state(abstract, shardings):
-  """``jax.ShapeDtypeStruct`` leaves carrying their target shardings (for a sharded restore)."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
-
-
-def _write_config(config, workdir):
+def _write_config(spec: spec_lib.RunSpec, workdir: str) -> None:
+  """``workdir/config.json``: the complete config (optional fields filled in)."""
   if jax.process_index() == 0:
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (path / "config.json").write_text(spec.config.to_json_best_effort(indent=2))
 
 
 def resolve_workdir(workdir: str) -> str:
@@ -314,12 +224,26 @@ def _restore(checkpointer: checkpointing.Checkpointer, state, data_iter,
   return state, restored
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the loop of one run works with, built once by `train_and_evaluate`."""
+  spec: spec_lib.RunSpec
+  workdir: str
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  graphdef: nnx.GraphDef
+  shardings: object
+  checkpointer: checkpointing.Checkpointer
+  writer: object
+  num_params: int
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict | spec_lib.RunSpec, workdir: str, *,
                        resume_step: int | None = None):
   """Trains (or resumes) the run in ``workdir``; returns the final train state.
 
   Args:
-    config: the run config (validated first).
+    config: the run config (validated first), or its validated `pfm.spec.RunSpec`.
     workdir: checkpoints, logs and samples (local or ``gs://``).
     resume_step: resume from this checkpoint step instead of the newest intact one; later
       checkpoints are moved to ``workdir/checkpoints_set_aside/``.
@@ -333,35 +257,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     pfm.checkpointing.CheckpointError: if ``resume_step`` does not exist or is damaged, or no
       checkpoint is intact.
   """
-  from clu import metric_writers, parameter_overview
+  from clu import metric_writers, parameter_overview  # CLU's writers import TensorFlow
 
-  config_lib.validate(config)
+  spec = validation.validate(config)
+  config = spec.config
   mesh = parallel.create_mesh(config)
   rules = parallel.logical_rules(config)
   workdir = resolve_workdir(workdir)
-  _write_config(config, workdir)
+  _write_config(spec, workdir)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
   logging.info("Mesh %s over %d devices of %d processes (%s).", dict(mesh.shape),
                jax.device_count(), jax.process_count(), jax.devices()[0].device_kind)
 
   data_iter = pipeline.ProcessBatches(
-      config, seed=config.seed, process_index=jax.process_index(),
+      spec, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
 
-  graphdef, state, shardings = create_sharded_state(config, mesh, rules)
+  graphdef, state, shardings = state_lib.create_sharded_state(spec, mesh, rules)
   parallel.check_sharding(state, mesh, rules)
   parameter_overview.log_parameter_overview(
       nnx.to_pure_dict(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                     state["params"])),
       msg="MM-DiT parameters", include_stats=False)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_checkpoints)
+  run = _Run(spec=spec, workdir=workdir, mesh=mesh, rules=rules, graphdef=graphdef,
+             shardings=shardings, checkpointer=checkpointer, writer=writer,
+             num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"])))
   failed = True
   try:
-    state = _train_loop(config, workdir, graphdef, state, shardings, mesh, rules, data_iter,
-                        checkpointer, writer, num_params, resume_step)
+    state = _train_loop(run, state, data_iter, resume_step)
     failed = False
   finally:
     checkpointer.close(check=not failed)
@@ -369,12 +295,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return state
 
 
-def _train_loop(config, workdir, graphdef, state, shardings, mesh, rules, data_iter,
-                checkpointer, writer, num_params, resume_step):
-  """The loop of `train_and_evaluate`: restore, steps, checks, checkpoints, samples."""
-  from clu import periodic_actions
-  from pfm import sample as sample_lib
+def write_training_samples(sampler: sample_lib.Sampler, workdir: str, step: int, writer) -> dict:
+  """Samples the first ``config.sample.num_videos`` captions of the manifest and scores them.
 
+  Writes ``workdir/samples/step_N/sample_i.mp4``, frame strips and the prompt-to-video accuracy
+  (``pfm.evaluate``) to TensorBoard, and ``prompt_to_video.json`` beside the videos (last, so
+  its presence marks the step's samples complete).
+  """
+  spec = sampler.spec
+  records, _ = pipeline.load_records(spec)
+  result, videos = evaluate.prompt_to_video(sampler, records[:spec.config.sample.num_videos])
+  out_dir = os.path.join(workdir, "samples", f"step_{step:07d}")
+  if jax.process_index() == 0:
+    for n, frames in enumerate(videos):
+      video_lib.write_mp4(os.path.join(out_dir, f"sample_{n}.mp4"), frames)
+    (epath.Path(out_dir) / "prompt_to_video.json").write_text(json.dumps(result, indent=2))
+    writer.write_images(step, {f"samples/{n}": np.concatenate(list(v), axis=1)[None]
+                               for n, v in enumerate(videos)})
+    writer.write_scalars(step, {"eval/prompt_to_video_accuracy": result["accuracy"]})
+  logging.info("Step %d: %d of %d prompts land on their own video; samples in %s", step,
+               result["hits"], result["num_prompts"], out_dir)
+  return result
+
+
+def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
+  """The loop of `train_and_evaluate`: restore, steps, checks, checkpoints, samples."""
+  from clu import periodic_actions  # imports TensorFlow
+
+  spec, config, workdir, mesh, rules = run.spec, run.spec.config, run.workdir, run.mesh, run.rules
+  checkpointer, writer = run.checkpointer, run.writer
   state, restored = _restore(checkpointer, state, data_iter, resume_step)
   if restored is not None:
     parallel.check_sharding(state, mesh, rules)
@@ -382,15 +331,15 @@ def _train_loop(config, workdir, graphdef, state, shardings, mesh, rules, data_i
   start_step = int(state["step"])
   last_good = restored
 
-  step_fn = make_train_step(config, graphdef, shardings)
-  obj = objective_config(config)
-  loss_after_update = jax.jit(functools.partial(checkpoint_loss, graphdef=graphdef, obj=obj))
-  schedule = learning_rate_schedule(config)
+  step_fn = make_train_step(spec, run.graphdef, run.shardings)
+  loss_after_update = jax.jit(functools.partial(checkpoint_loss, graphdef=run.graphdef,
+                                                obj=spec.objective))
+  schedule = state_lib.learning_rate_schedule(spec)
   num_steps = config.train.num_steps
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.train.log_every_steps)
   if start_step == 0:
-    writer.write_hparams(config_lib.flatten(config) | {"num_params": num_params})
+    writer.write_hparams(spec_lib.flatten(config) | {"num_params": run.num_params})
 
   def is_sample_step(step):
     return config.sample.num_videos and (
@@ -398,8 +347,9 @@ def _train_loop(config, workdir, graphdef, state, shardings, mesh, rules, data_i
 
   def write_samples(step, state):
     with report.timed("sample"):
-      sampler = sample_lib.Sampler(config, graphdef, parallel.replicated(state["ema_params"], mesh))
-      sample_lib.write_training_samples(sampler, config, workdir, step, writer)
+      sampler = sample_lib.Sampler(spec, run.graphdef,
+                                   parallel.replicated(state["ema_params"], mesh))
+      write_training_samples(sampler, workdir, step, writer)
 
   # A run killed after a checkpoint but before that step's samples were written (the final
   # samples above all) writes them now.
@@ -416,8 +366,7 @@ def _train_loop(config, workdir, graphdef, state, shardings, mesh, rules, data_i
   if jax.devices()[0].platform == "cpu":  # the host's CPU devices share its cores
     peak /= jax.local_device_count()
   logging.info("MFU peak: %.1f TFLOP/s per device (%s)", peak / 1e12, peak_source)
-  meter = throughput.ThroughputMeter(throughput.mmdit_config(config),
-                                     num_devices=jax.local_device_count(), peak=peak)
+  meter = throughput.ThroughputMeter(spec.model, num_devices=jax.local_device_count(), peak=peak)
   t_start = t_interval = time.time()
   for step in range(start_step + 1, num_steps + 1):
     with report.timed("data", wait_jax_async_dispatch=False):

@@ -24,6 +24,8 @@ from flax import nnx  # noqa: E402
 
 from configs import default  # noqa: E402
 from pfm import parallel, train  # noqa: E402
+from pfm import spec as spec_lib  # noqa: E402
+from pfm import state as state_lib  # noqa: E402
 from pfm.data import pipeline  # noqa: E402
 
 # Mesh sizes per layout; "single" runs on the first device only.
@@ -44,7 +46,7 @@ SHARDED_INIT_LAYOUTS = ("single", "fsdp", "fsdp_sequence_tensor")
 
 @functools.cache
 def _initial_state():
-  return jax.device_get(train.init_state(_config({}))[1])
+  return jax.device_get(state_lib.init_state(spec_lib.resolve(_config({})))[1])
 
 
 def _config(layout):
@@ -65,9 +67,9 @@ def run_layout(name, batches):
   mesh = parallel.create_mesh(config, devices)
   rules = parallel.logical_rules(config)
   if name in SHARDED_INIT_LAYOUTS:
-    graphdef, state, shardings = train.create_sharded_state(config, mesh, rules)
+    graphdef, state, shardings = state_lib.create_sharded_state(spec_lib.resolve(config), mesh, rules)
   else:  # the same initial state, laid out on this mesh (cheaper than compiling the init again)
-    graphdef, abstract = train.abstract_state(config)
+    graphdef, abstract = state_lib.abstract_state(spec_lib.resolve(config))
     shardings = parallel.named_shardings(abstract, mesh, rules)
     state = jax.device_put(_initial_state(), shardings)
   parallel.check_sharding(state, mesh, rules, min_fsdp_bytes=1 << 14)
@@ -76,12 +78,12 @@ def run_layout(name, batches):
   out = dict(mesh=dict(mesh.shape), param_share_per_device=per_device / params_bytes)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     grad_fn = jax.jit(functools.partial(
-      train.loss_and_grads, graphdef=graphdef, obj=train.objective_config(config)))
+      train.loss_and_grads, graphdef=graphdef, obj=spec_lib.resolve(config).objective))
     loss, _, _, grads = grad_fn(state["params"], parallel.global_batch(batches[0], mesh),
                                 jax.random.key(1))
     out |= dict(loss=float(loss), grads=_host(grads))
     if name in STEP_LAYOUTS:
-      step_fn = train.make_train_step(config, graphdef, shardings)
+      step_fn = train.make_train_step(spec_lib.resolve(config), graphdef, shardings)
       for batch in batches:
         state, metrics = step_fn(state, parallel.global_batch(batch, mesh))
       out |= dict(step_loss=float(metrics["loss"]), params=_host(state["params"]))
@@ -89,12 +91,12 @@ def run_layout(name, batches):
 
 
 def per_shard_attention_error():
-  """`attention.per_shard` (the splash wrapper) around the einsum backend on the mixed mesh.
+  """`kernels.per_shard` (the splash wrapper) around the einsum backend on the mixed mesh.
 
   Returns the largest difference to the unwrapped backend, in value and in the gradient, relative
   to the largest entry of each.
   """
-  from pfm.models import attention
+  from pfm.models import kernels, masks
 
   config = _config(LAYOUTS["fsdp_sequence_tensor"])
   mesh = parallel.create_mesh(config)
@@ -102,14 +104,14 @@ def per_shard_attention_error():
   q, k, v = (rng.standard_normal((4, 64, 2, 16)).astype(np.float32) for _ in range(3))
   segments = np.repeat(np.array([[1] * 40 + [2] * 20 + [0] * 4]), 4, axis=0).astype(np.int32)
   frames = np.tile(np.arange(64, dtype=np.int32) // 16, (4, 1))
-  mask = attention.MaskInfo.self_attention(segments, frames)
-  wrapped = attention.per_shard(attention.xla_attention)
+  mask = masks.MaskInfo.self_attention(segments, frames)
+  wrapped = kernels.per_shard(kernels.xla_attention)
 
   def loss(fn, q, k, v):
     out = fn(q, k, v, mask, scale=0.25)
     return jnp.sum(out * out), out
 
-  reference = jax.jit(jax.value_and_grad(functools.partial(loss, attention.xla_attention),
+  reference = jax.jit(jax.value_and_grad(functools.partial(loss, kernels.xla_attention),
                                          argnums=(0, 1, 2), has_aux=True))(q, k, v)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(parallel.logical_rules(config)):
     sharded = jax.jit(jax.value_and_grad(functools.partial(loss, wrapped), argnums=(0, 1, 2),
@@ -127,14 +129,14 @@ def under_sharding_errors(batch):
   # 1. Rules that keep the embed axis replicated while the mesh asks for fsdp = 8.
   config.mesh.rules = (("embed", None),)
   rules = parallel.logical_rules(config)
-  _, state, _ = train.create_sharded_state(config, mesh, rules)
+  _, state, _ = state_lib.create_sharded_state(spec_lib.resolve(config), mesh, rules)
   try:
     parallel.check_sharding(state, mesh, rules, min_fsdp_bytes=1 << 14)
   except ValueError as e:
     messages["replicated_rules"] = str(e)
   # 2. The right rules, but arrays that were replicated on the way (e.g. a jit without shardings).
   rules = parallel.logical_rules(_config(LAYOUTS["fsdp"]))
-  _, state, _ = train.create_sharded_state(_config(LAYOUTS["fsdp"]), mesh, rules)
+  _, state, _ = state_lib.create_sharded_state(spec_lib.resolve(_config(LAYOUTS["fsdp"])), mesh, rules)
   state = parallel.replicated(state, mesh)
   try:
     parallel.check_sharding(state, mesh, rules)
@@ -145,7 +147,7 @@ def under_sharding_errors(batch):
 
 def main():
   config = _config({})
-  data = pipeline.create_dataset(config, seed=0)
+  data = pipeline.create_dataset(spec_lib.resolve(config), seed=0)
   iterator = iter(data)
   batches = [next(iterator) for _ in range(2)]
   results = {name: run_layout(name, batches) for name in LAYOUTS}

@@ -1,5 +1,6 @@
-"""Tests of pfm.models.attention: the metadata mask and every attention backend against a float64
-numpy reference, in value and gradient, on packed batches with padding and Lq != Lk."""
+"""Tests of pfm.models.masks and pfm.models.kernels: the metadata mask and every attention backend
+against a float64 numpy reference, in value and gradient, on packed batches with padding and
+Lq != Lk."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pfm.models import attention
+from pfm.models import kernels, masks
 
 H, D = 2, 32
 SCALE = D**-0.5
@@ -39,14 +40,14 @@ EXPECTED = np.array([
 
 def test_mask_hand_built_packed_row():
   seg, frm = jnp.asarray([SEG], jnp.int32), jnp.asarray([FRM], jnp.int32)
-  mask = attention.make_attention_mask(seg, frm, seg, frm)
+  mask = masks.make_attention_mask(seg, frm, seg, frm)
   assert mask.shape == (1, 1, 10, 10) and mask.dtype == jnp.bool_
   got = np.asarray(mask[0, 0])
   for i in range(10):
     for j in range(10):
       assert got[i, j] == EXPECTED[i, j], (i, j)
   np.testing.assert_array_equal(
-    np.asarray(attention.MaskInfo.self_attention(seg, frm).dense()), np.asarray(mask))
+    np.asarray(masks.MaskInfo.self_attention(seg, frm).dense()), np.asarray(mask))
 
 
 def test_mask_queries_differ_from_keys():
@@ -54,7 +55,7 @@ def test_mask_queries_differ_from_keys():
   # segment 3 is absent from the keys and padding is present in the queries.
   q_seg = jnp.asarray([[1, 1, 2, 3, 0]], jnp.int32)
   q_frm = jnp.asarray([[2, 2, 1, 0, 0]], jnp.int32)
-  info = attention.MaskInfo(
+  info = masks.MaskInfo(
     q_seg, q_frm, jnp.asarray([SEG], jnp.int32), jnp.asarray([FRM], jnp.int32))
   mask = np.asarray(info.dense())
   assert mask.shape == (1, 1, 5, 10)
@@ -62,7 +63,7 @@ def test_mask_queries_differ_from_keys():
                        np.zeros(10, bool)])
   np.testing.assert_array_equal(mask[0, 0], expected)
   # Fused kernels see key 0 in rows without keys, and those rows are reported empty.
-  kernel_mask, has_key = attention._kernel_mask(info)
+  kernel_mask, has_key = masks.open_empty_rows(info)
   expected[3:, 0] = True
   np.testing.assert_array_equal(np.asarray(kernel_mask[0, 0]), expected)
   np.testing.assert_array_equal(np.asarray(has_key), [[True, True, True, False, False]])
@@ -138,7 +139,7 @@ def _case(kind, seed, lk):
       idx = idx[:lq - 8]
       q_seg[b, :len(idx)], q_frm[b, :len(idx)] = kv_seg[b, idx], kv_frm[b, idx]
       q_seg[b, len(idx):len(idx) + 3] = 9  # No key carries segment 9.
-  info = attention.MaskInfo(*(jnp.asarray(x) for x in (q_seg, q_frm, kv_seg, kv_frm)))
+  info = masks.MaskInfo(*(jnp.asarray(x) for x in (q_seg, q_frm, kv_seg, kv_frm)))
   keys = jax.random.split(jax.random.key(seed), 4)
   lq = q_seg.shape[1]
   q = jax.random.normal(keys[0], (batch, lq, H, D))
@@ -154,26 +155,26 @@ ON = jax.default_backend()
 
 
 def _cudnn():
-  if ON not in attention.BACKEND_PLATFORMS["cudnn"]:
+  if ON not in kernels.BACKEND_PLATFORMS["cudnn"]:
     pytest.skip(f"cudnn backend needs an NVIDIA GPU; this platform is {ON}")
-  return attention.cudnn_attention, 3e-2, 71
+  return kernels.cudnn_attention, 3e-2, 71
 
 
 def _splash():
   # Off TPU the same kernel runs in Pallas interpret mode. Blocks of 128 with Lk = 200 (padded
   # to 256) give two key blocks and partly masked, fully visible and skipped blocks.
   return functools.partial(
-    attention.splash_attention, block_q=128, block_kv=128, interpret=ON != "tpu"), 2e-5, 200
+    kernels.splash_attention, block_q=128, block_kv=128, interpret=ON != "tpu"), 2e-5, 200
 
 
 BACKENDS = {
   # name -> () -> (fn(q, k, v, mask, *, scale), relative tolerance, Lk); odd lengths check the
   # padding to even lengths of the cudnn wrapper.
-  "xla": lambda: (attention.ATTENTION_BACKENDS["xla"], 2e-5, 71),
-  "dot_product": lambda: (attention.ATTENTION_BACKENDS["dot_product"], 2e-5, 71),
+  "xla": lambda: (kernels.ATTENTION_BACKENDS["xla"], 2e-5, 71),
+  "dot_product": lambda: (kernels.ATTENTION_BACKENDS["dot_product"], 2e-5, 71),
   # The cudnn wrapper's preparation (bfloat16 cast, even lengths) run with the xla kernel.
   "cudnn_wrapper_on_xla": lambda: (functools.partial(
-    attention.jax_nn_attention, implementation="xla", compute_dtype=jnp.bfloat16,
+    kernels.jax_nn_attention, implementation="xla", compute_dtype=jnp.bfloat16,
     length_multiple=2), 3e-2, 71),
   "cudnn": _cudnn,
   "splash": _splash,
@@ -212,31 +213,31 @@ def test_backend_matches_float64_reference(name, kind):
 
 def test_dispatch_default_scale_and_unknown_backend():
   q, k, v, info, _ = _case("self", 3, 40)
-  got = jax.jit(functools.partial(attention.dot_product_attention, backend="dot_product"))(
+  got = jax.jit(functools.partial(kernels.dot_product_attention, backend="dot_product"))(
     q, k, v, info)
   np.testing.assert_allclose(
-    np.asarray(got), np.asarray(jax.jit(attention.xla_attention, static_argnames="scale")(
+    np.asarray(got), np.asarray(jax.jit(kernels.xla_attention, static_argnames="scale")(
       q, k, v, info, scale=D**-0.5)), atol=1e-5)
   with pytest.raises(ValueError, match="Unknown attention backend"):
-    attention.dot_product_attention(q, k, v, info, backend="flash")
+    kernels.dot_product_attention(q, k, v, info, backend="flash")
 
 
 def test_splash_block_sizes():
-  assert attention._splash_block(200, 512) == 256
-  assert attention._splash_block(600, 512) == 128
-  assert attention._splash_block(1024, 512) == 512
-  assert attention._splash_block(70, 128) == 128
+  assert kernels._splash_block(200, 512) == 256
+  assert kernels._splash_block(600, 512) == 128
+  assert kernels._splash_block(1024, 512) == 512
+  assert kernels._splash_block(70, 128) == 128
   q, k, v, info, _ = _case("self", 0, 40)
   for bad in (100, 384):
     with pytest.raises(ValueError, match="128 times a power of two"):
-      attention.splash_attention(q, k, v, info, scale=SCALE, block_q=bad, interpret=True)
+      kernels.splash_attention(q, k, v, info, scale=SCALE, block_q=bad, interpret=True)
 
 
 def test_cudnn_rejects_head_dims_it_cannot_run():
   q = jnp.zeros((1, 4, 1, 12))
-  info = attention.MaskInfo.self_attention(*(jnp.ones((1, 4), jnp.int32),) * 2)
+  info = masks.MaskInfo.self_attention(*(jnp.ones((1, 4), jnp.int32),) * 2)
   with pytest.raises(ValueError, match="multiple of 8"):
-    attention.cudnn_attention(q, q, q, info, scale=1.0)
+    kernels.cudnn_attention(q, q, q, info, scale=1.0)
 
 
 # ----------------------------------------------------------------------------- check_backend
@@ -245,21 +246,21 @@ def test_cudnn_rejects_head_dims_it_cannot_run():
 def test_check_backend():
   for name in ("xla", "dot_product"):
     for platform in ("cpu", "gpu", "tpu"):
-      attention.check_backend(name, platform)
-  attention.check_backend("cudnn", "gpu")
-  attention.check_backend("cudnn", "cuda")
-  attention.check_backend("splash", "tpu")
-  attention.check_backend("xla")
+      kernels.check_backend(name, platform)
+  kernels.check_backend("cudnn", "gpu")
+  kernels.check_backend("cudnn", "cuda")
+  kernels.check_backend("splash", "tpu")
+  kernels.check_backend("xla")
   with pytest.raises(ValueError, match=r"model\.attention='flash'.*choose one of") as err:
-    attention.check_backend("flash", "gpu")
+    kernels.check_backend("flash", "gpu")
   assert "splash" in str(err.value) and "cudnn" in str(err.value)
   for name, platform, needs in (
     ("cudnn", "cpu", "NVIDIA GPU"), ("cudnn", "tpu", "NVIDIA GPU"), ("cudnn", "rocm", "NVIDIA GPU"),
     ("splash", "cpu", "TPU"), ("splash", "gpu", "TPU"),
   ):
     with pytest.raises(ValueError, match=rf"model\.attention='{name}' needs .*{needs}") as err:
-      attention.check_backend(name, platform)
+      kernels.check_backend(name, platform)
     assert f"this platform is {platform}" in str(err.value)
   if ON == "cpu":
     with pytest.raises(ValueError, match="this platform is cpu"):
-      attention.check_backend("cudnn")
+      kernels.check_backend("cudnn")

@@ -5,17 +5,19 @@ from __future__ import annotations
 import os
 
 import av
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
+from configs import default
+from pfm import spec as spec_lib
 from pfm.data import layout
 from pfm.data import manifest
 from pfm.data import pipeline
 from pfm.data import text
 from pfm.data import video
 from pfm.pyramid import resample
+from pfm.pyramid import tokens as tokens_lib
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,13 +43,13 @@ def _write_video(path, num_frames, size=(48, 64), faststart=False, seed=0):
 
 
 def _config(manifest_path="", **data):
-  config = ml_collections.ConfigDict()
-  config.data = dict(manifest=manifest_path, height=32, width=32, num_frames=4, frame_stride=2,
+  config = default.get_config("smoke")  # the data fields below are the ones that matter
+  config.data.update(dict(manifest=manifest_path, height=32, width=32, num_frames=4, frame_stride=2,
                      max_tokens=256, max_text_tokens=256, caption_length=96, batch_size=4,
-                     num_workers=0)
+                     num_workers=0))
   config.data.update(data)
-  config.model = dict(patch_size=4)
-  config.pyramid = dict(num_stages=3, stage_weights=(1, 2, 1))
+  config.model.patch_size = 4
+  config.pyramid.num_stages, config.pyramid.stage_weights = 3, (1, 2, 1)
   return config
 
 
@@ -113,15 +115,15 @@ def test_encode_caption():
 
 def test_patchify_roundtrip():
   x = np.random.default_rng(0).normal(size=(2, 3, 8, 12, 3)).astype(np.float32)
-  tokens = layout.patchify(x, 4)
+  tokens = tokens_lib.patchify(x, 4)
   assert tokens.shape == (2, 3, 2 * 3, 4 * 4 * 3)
   # Token (row 1, col 2) is the patch x[..., 4:8, 8:12, :] flattened (p, p, C).
   np.testing.assert_array_equal(tokens[1, 2, 1 * 3 + 2], x[1, 2, 4:8, 8:12, :].reshape(-1))
-  np.testing.assert_array_equal(layout.unpatchify(tokens, 4, 8, 12), x)
+  np.testing.assert_array_equal(tokens_lib.unpatchify(tokens, 4, 8, 12), x)
   with pytest.raises(ValueError):
-    layout.patchify(x, 5)
+    tokens_lib.patchify(x, 5)
   with pytest.raises(ValueError):
-    layout.unpatchify(tokens, 4, 8, 8)
+    tokens_lib.unpatchify(tokens, 4, 8, 8)
 
 
 def test_history_levels():
@@ -135,12 +137,12 @@ def test_history_levels():
 
 
 def test_grid_positions():
-  same = layout.grid_positions((2, 3), (2, 3))
+  same = tokens_lib.grid_positions((2, 3), (2, 3))
   np.testing.assert_array_equal(same, [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]])
   assert same.dtype == np.float32
-  half = layout.grid_positions((2, 2), (4, 4))
+  half = tokens_lib.grid_positions((2, 2), (4, 4))
   np.testing.assert_allclose(half, [[0.5, 0.5], [0.5, 2.5], [2.5, 0.5], [2.5, 2.5]])
-  quarter = layout.grid_positions((1, 2), (4, 8))
+  quarter = tokens_lib.grid_positions((1, 2), (4, 8))
   np.testing.assert_allclose(quarter, [[1.5, 1.5], [1.5, 5.5]])
 
 
@@ -159,27 +161,27 @@ def test_layout_sample():
     n_cur = (32 // 2**k // p) ** 2
     assert target.sum() == n_cur and np.all(target[-n_cur:])
     np.testing.assert_array_equal(sample["clean_end"][target],
-                                  layout.patchify(resample.down(frames[i], 2**k), p))
+                                  tokens_lib.patchify(resample.down(frames[i], 2**k), p))
     # The start mean Up(Down(.)); zero at the coarsest stage, whose start is pure noise.
     expected_start = (resample.start_mean(frames[i], k) if k < num_stages - 1
                       else np.zeros_like(resample.down(frames[i], 2**k)))
-    np.testing.assert_allclose(sample["clean_start"][target], layout.patchify(expected_start, p))
+    np.testing.assert_allclose(sample["clean_start"][target], tokens_lib.patchify(expected_start, p))
     assert np.all(sample["clean_start"][~target] == 0)
     np.testing.assert_array_equal(sample["temporal_positions"], sample["frame_index"])
     assert np.all(sample["frame_index"][target] == i)
     grid = 32 // 2**k // p
     np.testing.assert_array_equal(sample["positions"][target],
-                                  layout.grid_positions((grid, grid), (grid, grid)))
+                                  tokens_lib.grid_positions((grid, grid), (grid, grid)))
     # History: temporal order, each unit at its level of Eq. (16).
     frame_index = sample["frame_index"][~target]
     assert np.all(np.diff(frame_index) >= 0)
     for j, lvl in enumerate(layout.history_levels(i, k, num_stages)):
       rows = frame_index == j
       np.testing.assert_allclose(sample["clean_end"][~target][rows],
-                                 layout.patchify(resample.level(frames[j], lvl), p), rtol=1e-6)
+                                 tokens_lib.patchify(resample.level(frames[j], lvl), p), rtol=1e-6)
       size = 32 // 2**lvl // p
       np.testing.assert_allclose(sample["positions"][~target][rows],
-                                 layout.grid_positions((size, size), (grid, grid)))
+                                 tokens_lib.grid_positions((size, size), (grid, grid)))
   # Worst case: last unit at stage 0 = 64 current + 64 (i-1, level 0) + 16 + 4.
   assert layout.max_tokens_per_sample(4, height=32, width=32, patch_size=4, num_stages=3) == 148
   with pytest.raises(ValueError):
@@ -255,7 +257,7 @@ def test_manifest_skips_bad_records(media_dir, tmp_path):
   assert report.counts == {"unreadable": 1, "missing": 1, "too_short": 1, "truncated": 1}
   assert report.skipped == 4 and report.usable == 2 and report.total == 6
   # The pipeline skips them too and exposes the counts.
-  ds = pipeline.create_dataset(_config(str(path)), seed=0)
+  ds = pipeline.create_dataset(spec_lib.resolve(_config(str(path))), seed=0)
   assert pipeline.skip_counts()["unreadable"] == 1 and pipeline.skip_counts()["missing"] == 1
   assert pipeline.skip_report().usable == 2
   assert next(iter(ds))["segment_ids"].max() > 0
@@ -266,7 +268,7 @@ def test_manifest_nothing_usable(media_dir, tmp_path):
   manifest.write_manifest(str(path), [{"video": str(media_dir / "corrupt.mp4"), "text": "x"},
                                       {"video": str(media_dir / "short.mp4"), "text": "y"}])
   with pytest.raises(ValueError, match="bad.jsonl.*0 of 2 records usable.*too_short.*unreadable"):
-    pipeline.create_dataset(_config(str(path)), seed=0)
+    pipeline.create_dataset(spec_lib.resolve(_config(str(path))), seed=0)
   path.write_text('{"text": "no media"}\n')
   with pytest.raises(ValueError, match="bad.jsonl:1"):
     manifest.load_manifest(str(path))
@@ -330,8 +332,8 @@ def _check_batch(batch, config):
 
 def test_pipeline_batches(good_manifest):
   config = _config(good_manifest)
-  assert pipeline.check_config(config) == 148
-  batches = _take(iter(pipeline.create_dataset(config, seed=0)), 3)
+  assert pipeline.check_spec(spec_lib.resolve(config)) == 148
+  batches = _take(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=0)), 3)
   for batch in batches:
     _check_batch(batch, config)
     assert 0 <= pipeline.padding_fraction(batch) < 1
@@ -341,7 +343,7 @@ def test_pipeline_batches(good_manifest):
 
 def test_pipeline_default_manifest():
   config = _config()
-  batch = next(iter(pipeline.create_dataset(config, seed=1)))
+  batch = next(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=1)))
   _check_batch(batch, config)
   captions = {text.decode_caption(batch["text_tokens"][0][batch["text_segment_ids"][0] == s])
               for s in range(1, batch["segment_ids"][0].max() + 1)}
@@ -350,32 +352,32 @@ def test_pipeline_default_manifest():
 
 def test_pipeline_state_roundtrip(good_manifest):
   config = _config(good_manifest)
-  iterator = iter(pipeline.create_dataset(config, seed=7))
+  iterator = iter(pipeline.create_dataset(spec_lib.resolve(config), seed=7))
   _take(iterator, 3)
   state = iterator.get_state()
   expected = _take(iterator, 3)
-  restored = iter(pipeline.create_dataset(config, seed=7))
+  restored = iter(pipeline.create_dataset(spec_lib.resolve(config), seed=7))
   restored.set_state(state)
   _assert_batches_equal(_take(restored, 3), expected)
 
 
 def test_pipeline_determinism_and_sharding(good_manifest):
   config = _config(good_manifest)
-  a = _take(iter(pipeline.create_dataset(config, seed=5)), 2)
-  b = _take(iter(pipeline.create_dataset(config, seed=5)), 2)
+  a = _take(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=5)), 2)
+  b = _take(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=5)), 2)
   _assert_batches_equal(a, b)
-  c = next(iter(pipeline.create_dataset(config, seed=6)))
+  c = next(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=6)))
   assert not np.array_equal(a[0]["clean_end"], c["clean_end"])
-  shards = [pipeline.load_records(config, shard_index=i, shard_count=2)[0] for i in range(2)]
+  shards = [pipeline.load_records(spec_lib.resolve(config), shard_index=i, shard_count=2)[0] for i in range(2)]
   names = [[os.path.basename(manifest.record_path(r)) for r in s] for s in shards]
   assert names == [["good.mp4", "still.png"], ["good2.mp4"]]
 
 
 def test_pipeline_workers_match_in_process(good_manifest):
   config = _config(good_manifest)
-  expected = _take(iter(pipeline.create_dataset(config, seed=2)), 2)
+  expected = _take(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=2)), 2)
   config.data.num_workers = 1
-  iterator = iter(pipeline.create_dataset(config, seed=2))
+  iterator = iter(pipeline.create_dataset(spec_lib.resolve(config), seed=2))
   try:
     _assert_batches_equal(_take(iterator, 2), expected)
   finally:
@@ -384,20 +386,19 @@ def test_pipeline_workers_match_in_process(good_manifest):
 
 def test_check_config_errors():
   with pytest.raises(ValueError, match="max_tokens"):
-    pipeline.check_config(_config(max_tokens=100))
+    pipeline.check_spec(spec_lib.resolve(_config(max_tokens=100)))
   with pytest.raises(ValueError, match="caption_length"):
-    pipeline.check_config(_config(caption_length=300))
+    pipeline.check_spec(spec_lib.resolve(_config(caption_length=300)))
   config = _config()
   config.pyramid.stage_weights = (1, 1)
   with pytest.raises(ValueError, match="stage_weights"):
-    pipeline.check_config(config)
+    pipeline.check_spec(spec_lib.resolve(config))
 
 
 def test_patch_start_mean_matches_image_space_start_mean():
   import numpy as np
-  from pfm.data import layout
   from pfm.pyramid import resample
   x = np.random.default_rng(0).normal(size=(16, 16, 3)).astype(np.float32)
-  tokens = layout.patchify(x, 4)
-  np.testing.assert_allclose(layout.patch_start_mean(tokens, 4),
-                             layout.patchify(resample.start_mean(x, 0), 4), rtol=1e-6)
+  tokens = tokens_lib.patchify(x, 4)
+  np.testing.assert_allclose(tokens_lib.patch_start_mean(tokens, 4),
+                             tokens_lib.patchify(resample.start_mean(x, 0), 4), rtol=1e-6)

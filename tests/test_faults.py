@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from pfm import checkpointing, errors, train
-from pfm import config as config_lib
+from pfm import checkpointing, errors, train, validation
 from pfm import sample as sample_lib
+from pfm import spec as spec_lib
+from pfm import state as state_lib
 from pfm.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +47,7 @@ def run(args, **kwargs):
 
 
 def restore_all(workdir, step=None):
-  _, abstract = train.abstract_state(smoke_config())
+  _, abstract = state_lib.abstract_state(spec_lib.resolve(smoke_config()))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     return ckpt.restore(abstract, step=step)
@@ -96,7 +97,7 @@ def test_non_finite_config_values_are_refused(value):
   config = smoke_config()
   config.optimizer.learning_rate = value
   with pytest.raises(errors.ConfigError, match="config.optimizer.learning_rate="):
-    config_lib.validate(config)
+    validation.validate(config)
 
 
 # -- (b), (c) damaged checkpoints --------------------------------------------------------------
@@ -131,8 +132,8 @@ def test_deleted_manifest_falls_back_in_train_and_sample(run_copy, caplog):
 
 def test_resume_from_a_chosen_step_sets_the_later_ones_aside(run_copy):
   config = smoke_config()
-  graphdef, state = train.init_state(config)
-  data = pipeline.ProcessBatches(config, seed=config.seed)
+  graphdef, state = state_lib.init_state(spec_lib.resolve(config))
+  data = pipeline.ProcessBatches(spec_lib.resolve(config), seed=config.seed)
   ckpt = checkpointing.Checkpointer(os.path.join(run_copy, "checkpoints"))
   try:
     with pytest.raises(checkpointing.CheckpointError, match="no checkpoint 7 .* has \\[6, 12\\]"):
@@ -178,10 +179,17 @@ def small_filesystem(path, megabytes):
       subprocess.run(["umount", "-l", path], check=False)
 
 
-def test_full_disk_stops_the_run_at_once_and_keeps_the_last_checkpoint(trained, tmp_path):
+def test_full_disk_stops_the_run_at_once_and_keeps_the_last_checkpoint(trained, tmp_path,
+                                                                       monkeypatch):
   """The finished run (checkpoints 6 and 12, about 5 MB each) on a filesystem with room for
   neither a third checkpoint nor, after rotation, a second: it goes on to step 120 with a
-  checkpoint every 12 steps; step 24 cannot be written and the run must stop before step 36."""
+  checkpoint every 12 steps; step 24 cannot be written and the run must stop before step 36.
+
+  A smoke step takes milliseconds, less than the background writer may need on a loaded machine
+  to hit the full disk; each step's check is paced to 0.5 s, a fast real step."""
+  check = checkpointing.Checkpointer.check
+  monkeypatch.setattr(checkpointing.Checkpointer, "check",
+                      lambda self: (time.sleep(0.5), check(self))[1])
   workdir = str(tmp_path / "disk")
   config = smoke_config(num_steps=120, checkpoint_every_steps=12, max_checkpoints=3)
   with small_filesystem(workdir, 12) as mounted:
@@ -203,6 +211,7 @@ def test_full_disk_stops_the_run_at_once_and_keeps_the_last_checkpoint(trained, 
       assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
       message = result.stderr.strip().splitlines()[-1]
       assert message.startswith("pfm.train: error: checkpoint 12 could not be written"), message
+      assert "no checkpoint was committed" in message
   stopped = int(message.rsplit("training stopped at step ", 1)[1].split()[0])
   assert stopped < 36, f"the failed save surfaced only at step {stopped}"
 
@@ -274,7 +283,7 @@ def test_validation_names_the_field(section, field, value, message):
   config = smoke_config()
   config[section][field] = value
   with pytest.raises(errors.ConfigError, match=message):
-    config_lib.validate(config)
+    validation.validate(config)
 
 
 def test_train_command_prints_user_errors_in_one_line(tmp_path):

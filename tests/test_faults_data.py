@@ -7,11 +7,12 @@ import pickle
 import struct
 
 import av
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
+from configs import default
+from pfm import spec as spec_lib
 from pfm.data import manifest
 from pfm.data import pipeline
 from pfm.data import text
@@ -59,13 +60,13 @@ def _reason(path):
 
 
 def _config(manifest_path, **data):
-  config = ml_collections.ConfigDict()
-  config.data = dict(manifest=manifest_path, height=32, width=32, num_frames=2, frame_stride=1,
+  config = default.get_config("smoke")  # the data fields below are the ones that matter
+  config.data.update(dict(manifest=manifest_path, height=32, width=32, num_frames=2, frame_stride=1,
                      max_tokens=256, max_text_tokens=64, caption_length=16, batch_size=2,
-                     num_workers=0)
+                     num_workers=0))
   config.data.update(data)
-  config.model = dict(patch_size=4)
-  config.pyramid = dict(num_stages=3, stage_weights=(1, 2, 1))
+  config.model.patch_size = 4
+  config.pyramid.num_stages, config.pyramid.stage_weights = 3, (1, 2, 1)
   return config
 
 
@@ -147,14 +148,14 @@ def test_load_records_one_report(tmp_path, good_mp4, half_mp4):
            json.dumps({"video": str(tmp_path / "gone.mp4"), "text": "gone"}),
            json.dumps({"video": str(half_mp4), "text": "half"})]
   path.write_text("\n".join(lines) + "\n")
-  records, report = pipeline.load_records(_config(str(path)))
+  records, report = pipeline.load_records(spec_lib.resolve(_config(str(path))))
   assert [r["video"] for r in records] == [str(good_mp4)]
   assert report.counts == {"malformed_line": 1, "no_caption": 1, "missing": 1, "truncated": 1}
   assert report.total == 5 and report.usable == 1
   assert [w for w, _ in report.examples] == [f"{path}:2", f"{path}:3", str(tmp_path / "gone.mp4"),
                                              str(half_mp4)]
   # The training loop logs these counts as ``data/skipped_<reason>``.
-  pipeline.create_dataset(_config(str(path)), seed=0)
+  pipeline.create_dataset(spec_lib.resolve(_config(str(path))), seed=0)
   counts = pipeline.skip_counts()
   assert all(counts[k] == v for k, v in report.counts.items())
 
@@ -166,7 +167,7 @@ def test_load_records_sharded_nothing_usable(tmp_path, half_mp4):
   path.write_text("\n".join(lines) + "\n")
   with pytest.raises(ValueError, match=r"bad\.jsonl \(shard 1 of 2\): 0 of 2 records usable; "
                      r"skipped: 1 malformed_line, 1 missing"):
-    pipeline.load_records(_config(str(path)), shard_index=1, shard_count=2)
+    pipeline.load_records(spec_lib.resolve(_config(str(path))), shard_index=1, shard_count=2)
 
 
 def test_validate_records_adds_to_report():
@@ -339,7 +340,7 @@ def test_load_records_warns_once_on_long_captions(tmp_path, good_mp4, monkeypatc
                             for c in captions) + "\n", encoding="utf-8")
   warnings = []
   monkeypatch.setattr(pipeline.logging, "warning", lambda msg, *args: warnings.append(msg % args))
-  records, _ = pipeline.load_records(_config(str(path), caption_length=16))
+  records, _ = pipeline.load_records(spec_lib.resolve(_config(str(path), caption_length=16)))
   assert [r["text"] for r in records] == captions  # They still train, cut when encoded.
   caption_warnings = [w for w in warnings if "caption" in w]
   assert len(caption_warnings) == 1
@@ -352,5 +353,5 @@ def test_load_records_warns_once_on_long_captions(tmp_path, good_mp4, monkeypatc
   assert text.decode_caption(sample["text_tokens"]) == "é" * 7
   warnings.clear()
   path.write_text(json.dumps({"video": str(good_mp4), "text": "fits"}) + "\n")
-  pipeline.load_records(_config(str(path), caption_length=16))
+  pipeline.load_records(spec_lib.resolve(_config(str(path), caption_length=16)))
   assert not [w for w in warnings if "caption" in w]

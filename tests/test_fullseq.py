@@ -11,10 +11,12 @@ import pytest
 from flax import nnx
 
 from configs import default, vanilla
-from pfm import config as config_lib
-from pfm import models, objective, train
+from pfm import models, objective, train, validation
 from pfm import sample as sample_lib
+from pfm import spec as spec_lib
+from pfm import state as state_lib
 from pfm.data import layout, pipeline
+from pfm.pyramid import tokens as tokens_lib
 from pfm.pyramid import stages
 from tests.test_model import randomize
 
@@ -41,10 +43,10 @@ def test_layout_clip_cuts_the_stage_levels(name):
     tk, hk, wk, _ = clean.shape
     n = layout.clip_tokens(16, height=16, width=16, patch_size=p, pyramid=pyramid, k=k)
     assert n == tk * (hk // p) * (wk // p) == sample["clean_end"].shape[0]
-    np.testing.assert_allclose(sample["clean_end"], layout.patchify(clean, p).reshape(n, -1))
+    np.testing.assert_allclose(sample["clean_end"], tokens_lib.patchify(clean, p).reshape(n, -1))
     np.testing.assert_allclose(
         sample["clean_start"],
-        layout.patchify(pyramid.start_mean(clean, k), p).reshape(n, -1), atol=1e-6)
+        tokens_lib.patchify(pyramid.start_mean(clean, k), p).reshape(n, -1), atol=1e-6)
     assert np.all(sample["frame_index"] == 0) and np.all(sample["is_target"] == 1)
     per_frame = n // tk
     np.testing.assert_allclose(sample["temporal_positions"].reshape(tk, per_frame)[:, 0],
@@ -149,16 +151,16 @@ def test_pyramid_configs_train_and_sample(name, arg, tmp_path):
   in_loop_samples = (name, arg) == (CONFIGS[0], "smoke")
   if not in_loop_samples:
     config.sample.num_videos = 0  # one sampler compilation per test is enough
-  config_lib.validate(config)
-  pyramid = config_lib.pyramid(config)
+  validation.validate(config)
+  pyramid = spec_lib.resolve(config).pyramid
   assert pyramid.diffusion == ("ddim" if "ddim" in arg else "flow_matching")
   assert pyramid.num_stages == 3
   state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state["step"]) == 3
   if in_loop_samples:
     assert sorted((tmp_path / "samples").glob("step_*/sample_0.mp4"))
-  graphdef, _ = train.abstract_state(config)
-  sampler = sample_lib.Sampler(config, graphdef, state["ema_params"])
+  graphdef, _ = state_lib.abstract_state(spec_lib.resolve(config))
+  sampler = sample_lib.Sampler(spec_lib.resolve(config), graphdef, state["ema_params"])
   t = config.data.num_frames
   # Longer than trained (TPDiff Appendix A.6): 2T frames from a T-frame model.
   frames = sampler.generate("a test prompt", num_frames=2 * t, progress=False)
@@ -170,12 +172,12 @@ def test_pipeline_full_sequence_batches_with_alignment():
   config = vanilla.full_sequence_config("smoke", num_stages=3, spatial=True,
                                         frame_rate_schedule="2")
   assert config.pyramid.align_noise
-  batch = next(iter(pipeline.create_dataset(config, seed=0)))
+  batch = next(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=0)))
   data = config.data
   p = config.model.patch_size
   assert batch["noise"].shape == (data.batch_size, data.max_tokens, 3 * p * p)
   assert np.all(batch["frame_index"] == 0)
-  pyramid = config_lib.pyramid(config)
+  pyramid = spec_lib.resolve(config).pyramid
   valid = batch["segment_ids"] > 0
   for k in range(3):
     positions = np.unique(batch["temporal_positions"][valid & (batch["stage"] == k)])
@@ -195,7 +197,7 @@ def test_autoregressive_config_errors_name_the_field(field, value, match):
   section, _, name = field.rpartition(".")
   (config[section] if section else config)[name] = value
   with pytest.raises(ValueError, match=match):
-    config_lib.validate(config)
+    validation.validate(config)
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -211,7 +213,7 @@ def test_full_sequence_config_errors_name_the_field(field, value, match):
   section, _, name = field.rpartition(".")
   config[section][name] = value
   with pytest.raises(ValueError, match=match):
-    config_lib.validate(config)
+    validation.validate(config)
 
 
 def test_unknown_config_variant():
@@ -228,7 +230,7 @@ def test_alignment_runs_per_host_shard():
   config.data.batch_size = 4
   noises = []
   for shard in range(2):
-    batch = next(iter(pipeline.create_dataset(config, seed=0, shard_index=shard, shard_count=2)))
+    batch = next(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=0, shard_index=shard, shard_count=2)))
     noises.append(batch["noise"])
     segments = [(b, seg) for b in range(len(batch["segment_ids"]))
                 for seg in np.unique(batch["segment_ids"][b]) if seg > 0]

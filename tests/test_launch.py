@@ -114,12 +114,12 @@ def test_default_sweep_round_trips_through_config_flags(arg):
 
 
 def test_default_sweep_configs_are_valid():
-  from pfm import config as config_lib
+  from pfm import validation
 
   for config in (DEFAULT, f"{DEFAULT}:smoke"):
     for run in sweep.expand(config):
       parsed = _parse_config([f"--config={config}", *sweep.override_flags(run.overrides)])
-      config_lib.validate(parsed)
+      validation.validate(parsed)
 
 
 def test_every_value_kind_round_trips(types_config):
@@ -238,8 +238,10 @@ _PRINT_ENV = ("import json, os; print(json.dumps({k: v for k, v in os.environ.it
 
 
 def test_launch_sets_the_distributed_environment():
+  unset = dict.fromkeys(("JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR",  # the latter two: conftest
+                         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"))
   result = local.launch([sys.executable, "-c", _PRINT_ENV], num_processes=3,
-                        devices_per_process=2, env={"PFM_TEST_X": "1", "JAX_PLATFORMS": None},
+                        devices_per_process=2, env={"PFM_TEST_X": "1", **unset},
                         echo=False, timeout=60)
   assert result.ok and result.returncode == 0 and result.returncodes == [0, 0, 0]
   envs = [json.loads(out) for out in result.outputs]

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from pfm import models
-from pfm.models import attention, mmdit, text
+from pfm.models import axes, kernels, masks, stacking, text
 
 # Row 0 packs two samples: segment 1 has three 2x2 frame units (frames 0, 1, 2), segment 2 has
 # two 1x2 units placed at fractional positions, then 4 padding tokens. Row 1 has one sample of
@@ -145,10 +145,10 @@ def test_make_attention_mask_hand_written():
     [0, 0, 1, 0, 0, 1, 0],  # video s2 f0
     [0, 0, 0, 0, 0, 0, 0],  # padding attends to nothing
   ], bool)
-  mask = attention.make_attention_mask(seg, frm, seg, frm)
+  mask = masks.make_attention_mask(seg, frm, seg, frm)
   assert mask.shape == (1, 1, 7, 7) and mask.dtype == jnp.bool_
   np.testing.assert_array_equal(np.asarray(mask[0, 0]), expected)
-  info = attention.MaskInfo.self_attention(seg, frm)
+  info = masks.MaskInfo.self_attention(seg, frm)
   np.testing.assert_array_equal(np.asarray(info.dense()), np.asarray(mask))
 
 
@@ -157,14 +157,14 @@ def test_attention_fully_masked_rows_are_zero_and_finite():
   q = jax.random.normal(k1, (1, 3, 2, 8))
   k = jax.random.normal(k2, (1, 3, 2, 8))
   v = jax.random.normal(k3, (1, 3, 2, 8))
-  info = attention.MaskInfo.self_attention(
+  info = masks.MaskInfo.self_attention(
     jnp.asarray([[1, 1, 0]], jnp.int32), jnp.asarray([[0, 1, 0]], jnp.int32))
 
   @jax.jit
   def f(q, k, v):
-    return attention.dot_product_attention(q, k, v, info).sum()
+    return kernels.dot_product_attention(q, k, v, info).sum()
 
-  out = jax.jit(attention.dot_product_attention)(q, k, v, info)
+  out = jax.jit(kernels.dot_product_attention)(q, k, v, info)
   assert np.all(np.isfinite(out))
   np.testing.assert_array_equal(np.asarray(out[0, 2]), 0.0)
   # First query sees only the first key: output equals its value.
@@ -172,7 +172,7 @@ def test_attention_fully_masked_rows_are_zero_and_finite():
   grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
   assert all(np.all(np.isfinite(g)) for g in grads)
   with pytest.raises(ValueError):
-    attention.dot_product_attention(q, k, v, info, backend="nope")
+    kernels.dot_product_attention(q, k, v, info, backend="nope")
 
 
 def test_segment_helpers():
@@ -273,7 +273,7 @@ def test_every_param_has_logical_names(model):
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     names = var.get_metadata().get("out_sharding")
     assert names is not None and len(names) == var.ndim, (path, names, var.shape)
-    assert not (set(names) - set(models.partitioning.PARAM_AXES) - {None}), (path, names)
+    assert not (set(names) - set(axes.PARAM_AXES) - {None}), (path, names)
 
 
 def test_logical_constraints_on_a_mesh(model, batch, base_out):
@@ -315,7 +315,7 @@ def _with_params(config: models.MMDiTConfig, params) -> models.MMDiT:
   """A model of `config` holding `params` (unstacked layout), built without running any init."""
   abstract = nnx.eval_shape(lambda: models.build_model(config, nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  nnx.replace_by_pure_dict(state, mmdit.stack_layers(params) if config.scan_layers else params)
+  nnx.replace_by_pure_dict(state, stacking.stack_layers(params) if config.scan_layers else params)
   return nnx.merge(graphdef, state)
 
 
@@ -392,9 +392,9 @@ def test_scan_layers_layout_and_logical_names():
     names = var.get_metadata().get("out_sharding")
     assert names is not None and len(names) == var.ndim, (path, names, var.shape)
     if path[0] == "blocks":
-      assert names[0] == mmdit.LAYER_AXIS and var.shape[0] == n, (path, names, var.shape)
+      assert names[0] == axes.LAYER_AXIS and var.shape[0] == n, (path, names, var.shape)
       names = names[1:]
-    assert not (set(names) - set(models.partitioning.PARAM_AXES) - {None}), (path, names)
+    assert not (set(names) - set(axes.PARAM_AXES) - {None}), (path, names)
   # Each stacked block has its own random init.
   kernel = np.asarray(scanned.blocks.video.mlp.fc1.kernel[...])
   assert np.abs(kernel[0] - kernel[1]).max() > 1e-2
@@ -404,8 +404,8 @@ def test_scan_layers_layout_and_logical_names():
   assert models.count_params(scanned) == models.count_params(abstract)
   unrolled = _params(abstract)
   shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)
-  assert shapes(jax.eval_shape(mmdit.stack_layers, unrolled)) == shapes(_params(scanned))
-  assert shapes(jax.eval_shape(mmdit.unstack_layers, _params(scanned))) == shapes(unrolled)
+  assert shapes(jax.eval_shape(stacking.stack_layers, unrolled)) == shapes(_params(scanned))
+  assert shapes(jax.eval_shape(stacking.unstack_layers, _params(scanned))) == shapes(unrolled)
   with nnx.logical_axis_rules(RULES):
     specs = nnx.get_partition_spec(nnx.state(scanned, nnx.Param))
   P = jax.sharding.PartitionSpec
@@ -480,7 +480,7 @@ def _remat_run(scan: bool, policy: str):
   grads = jax.tree.map(np.asarray, nnx.to_pure_dict(compiled(state, batch)))
   memory = compiled.memory_analysis()
   temp = None if memory is None else memory.temp_size_in_bytes
-  return (mmdit.unstack_layers(grads) if scan else grads), temp
+  return (stacking.unstack_layers(grads) if scan else grads), temp
 
 
 def _remat_policies(config: models.MMDiTConfig, batch) -> list:
@@ -506,18 +506,18 @@ def test_remat_lowers_memory_and_is_applied(batch):
   Unrolled, XLA:CPU schedules the recomputation early, so the temp size does not drop there;
   that the policy is applied is checked on the jaxpr instead.
   """
-  temps = {policy: _remat_run(True, policy)[1] for policy in mmdit.REMAT_POLICY_NAMES}
+  temps = {policy: _remat_run(True, policy)[1] for policy in stacking.REMAT_POLICY_NAMES}
   print(f"\ncompiled temp bytes (scanned, depth {DEEP.depth}): {temps}")
   if temps["none"] is not None:
     assert temps["full"] < temps["none"] and temps["dots"] < temps["none"]
   for scan in (False, True):
-    for policy in mmdit.REMAT_POLICY_NAMES:
+    for policy in stacking.REMAT_POLICY_NAMES:
       policies = _remat_policies(
         dataclasses.replace(DEEP, scan_layers=scan, remat_policy=policy), batch)
       # One per block: unrolled every block, scanned the scan body and the last block.
       expected = 0 if policy == "none" else (2 if scan else DEEP.depth)
       assert len(policies) == expected, (scan, policy, len(policies))
-      assert all(p is mmdit.remat_policy(policy) for p in policies)
+      assert all(p is stacking.remat_policy(policy) for p in policies)
   with pytest.raises(ValueError, match="known"):
     nnx.eval_shape(lambda: models.build_model(
       dataclasses.replace(SMOKE, remat_policy="everything"), nnx.Rngs(0)))

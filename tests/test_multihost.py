@@ -21,7 +21,9 @@ import pytest
 
 from configs import default
 from launch import local
-from pfm import checkpointing, parallel, train
+from pfm import checkpointing, parallel
+from pfm import spec as spec_lib
+from pfm import state as state_lib
 from pfm.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,10 +56,10 @@ def _restore(workdir, step, config, data=None):
   """The state of ``workdir``'s checkpoint ``step`` on this process's mesh (one device)."""
   mesh = parallel.create_mesh(config, jax.devices()[:1])
   rules = parallel.logical_rules(config)
-  _, abstract = train.abstract_state(config)
+  _, abstract = state_lib.abstract_state(spec_lib.resolve(config))
   shardings = parallel.named_shardings(abstract, mesh, rules)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  state, _ = ckpt.restore(train.sharded_abstract_state(abstract, shardings), data, step)
+  state, _ = ckpt.restore(state_lib.sharded_abstract_state(abstract, shardings), data, step)
   ckpt.close()
   return state
 
@@ -107,11 +109,11 @@ def test_data_order_survives_a_change_of_process_count(runs):
   """A's two per-process shard files restore into one process owning both shards."""
   run_a, _, _, _ = runs
   config = _config()
-  fresh = pipeline.ProcessBatches(config, seed=config.seed)
+  fresh = pipeline.ProcessBatches(spec_lib.resolve(config), seed=config.seed)
   for _ in range(2):
     next(fresh)
   expected = next(fresh)  # the batch of step 3
-  restored = pipeline.ProcessBatches(config, seed=config.seed)
+  restored = pipeline.ProcessBatches(spec_lib.resolve(config), seed=config.seed)
   _restore(run_a, 2, config, data=restored)
   batch = next(restored)
   assert batch["clean_end"].shape[0] == 4

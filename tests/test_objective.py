@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from pfm import objective
+from pfm.pyramid import schedules
 from pfm.pyramid import windows as windows_lib
 
-WINDOWS = tuple(map(tuple, windows_lib.stage_windows(3)))
+WINDOWS = tuple(map(tuple, windows_lib.stage_windows(3, None, windows_lib.MIN_SPATIAL_GAMMA,
+                                               schedules.FlowMatching())))
 
 
 def packed_batch(rng):

@@ -16,8 +16,9 @@ import ml_collections
 import pytest
 
 from configs import default
-from pfm import config as config_lib
-from pfm import parallel
+from pfm import parallel, validation
+from pfm import spec as spec_lib
+from pfm import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # float32, different summation orders across devices: relative to the largest gradient entry.
@@ -96,12 +97,10 @@ def test_mesh_shape_fills_and_names_the_field():
 
 def test_rules_override_and_partition_specs():
   """Config rules come first; every parameter's spec follows from its logical names."""
-  from pfm import train
-
   config = default.get_config("smoke")
   config.mesh.rules = (("mlp", "fsdp"),)
   rules = parallel.logical_rules(config)
-  _, abstract = train.abstract_state(config)
+  _, abstract = state_lib.abstract_state(spec_lib.resolve(config))
   specs = parallel.partition_specs(abstract["params"], rules)
   fc1 = specs["blocks"][0]["video"]["mlp"]["fc1"]["kernel"].get_value()
   # ("embed", "mlp") both map to fsdp: a mesh axis splits one dimension, the first one.
@@ -120,4 +119,4 @@ def test_config_validation_names_mesh_fields():
   config = default.get_config("smoke")
   config.mesh.tensor = 3
   with pytest.raises(ValueError, match="config.mesh"):
-    config_lib.validate(config)
+    validation.validate(config)

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pfm.pyramid import paths, renoise, resample, samplers, stages, windows
+from pfm.pyramid import paths, renoise, resample, samplers, schedules, stages, windows
+
+FLOW_MATCHING = schedules.FlowMatching()
 
 
 def eq25_end(s, gamma):
@@ -19,23 +21,23 @@ def eq25_end(s, gamma):
 
 
 def test_uniform_three_stage_windows():
-  w = windows.stage_windows(3)
+  w = windows.stage_windows(3, None, windows.MIN_SPATIAL_GAMMA, FLOW_MATCHING)
   np.testing.assert_allclose(w, [[0.5, 1.0], [0.2, 2 / 3], [0.0, 1 / 3]], atol=1e-12)
 
 
 @pytest.mark.parametrize("gamma", [-1 / 3, -0.25, -0.1])
 def test_jump_relation_matches_eq25(gamma):
   for s in [0.1, 0.2, 0.5, 0.8]:
-    assert windows.jump_end(s, gamma) == pytest.approx(eq25_end(s, gamma))
-    assert windows.jump_start(windows.jump_end(s, gamma), gamma) == pytest.approx(s)
+    assert windows.jump_end(s, gamma, FLOW_MATCHING) == pytest.approx(eq25_end(s, gamma))
+    assert windows.jump_start(windows.jump_end(s, gamma, FLOW_MATCHING), gamma, FLOW_MATCHING) == pytest.approx(s)
   # Eq. (26) at gamma = -1/3.
-  assert windows.jump_end(0.3) == pytest.approx(2 * 0.3 / 1.3)
+  assert windows.jump_end(0.3, windows.MIN_SPATIAL_GAMMA, FLOW_MATCHING) == pytest.approx(2 * 0.3 / 1.3)
 
 
 @pytest.mark.parametrize("bad", [[0.5], [0.6, 0.4], [0.0, 0.5], [0.5, 1.0]])
 def test_bad_boundaries_raise(bad):
   with pytest.raises(ValueError, match="boundar"):
-    windows.stage_windows(3, bad)
+    windows.stage_windows(3, bad, windows.MIN_SPATIAL_GAMMA, FLOW_MATCHING)
 
 
 def test_down_up_levels():
@@ -86,7 +88,7 @@ def _renoised_start_samples(x1, k, w, gamma, num, corrective=True):
     key_n, key_r = jax.random.split(key)
     x_end = end * clean_coarse + (1 - end) * jax.random.normal(key_n, clean_coarse.shape)
     if corrective:
-      return renoise.renoise(key_r, x_end, start, end, gamma)
+      return renoise.renoise(key_r, x_end, start, end, gamma, FLOW_MATCHING)
     return (start / end) * resample.up(x_end, 2)
 
   return jax.vmap(one)(jax.random.split(jax.random.key(2), num)), start
@@ -96,7 +98,7 @@ def _renoised_start_samples(x1, k, w, gamma, num, corrective=True):
 @pytest.mark.parametrize("k", [0, 1])
 def test_renoised_endpoint_matches_start_distribution(gamma, k):
   """Eq. (13) applied to Eq. (12) must reproduce Eq. (8) in mean and covariance."""
-  w = windows.stage_windows(3, gamma=gamma)
+  w = windows.stage_windows(3, None, gamma, FLOW_MATCHING)
   x1 = jax.random.uniform(jax.random.key(3), (8, 8, 1), minval=-1, maxval=1)
   samples, start = _renoised_start_samples(x1, k, w, gamma, 100_000)
   target_mean = start * resample.start_mean(x1, k)  # Eq. (8) mean at stage k's resolution
@@ -109,7 +111,7 @@ def test_renoised_endpoint_matches_start_distribution(gamma, k):
 
 def test_upsampling_without_corrective_noise_is_detected():
   """The same check fails for the naive jump (rescale only): blocks stay correlated."""
-  w = windows.stage_windows(3)
+  w = windows.stage_windows(3, None, windows.MIN_SPATIAL_GAMMA, FLOW_MATCHING)
   x1 = jnp.zeros((8, 8, 1))
   samples, start = _renoised_start_samples(x1, 0, w, -1 / 3, 20_000, corrective=False)
   samples = np.asarray(samples).reshape(samples.shape[0], -1)
@@ -121,13 +123,13 @@ def test_coupled_path_endpoints_and_target():
   key = jax.random.key(4)
   d, u, n = jax.random.normal(key, (3, 4, 4, 3))
   s, e = 0.2, 2 / 3
-  x_s, x_e = paths.stage_endpoints(d, u, n, s, e)
+  x_s, x_e = paths.stage_endpoints(d, u, n, s, e, FLOW_MATCHING)
   np.testing.assert_allclose(paths.interpolate(x_s, x_e, 0.0), x_s)
   np.testing.assert_allclose(paths.interpolate(x_s, x_e, 1.0), x_e)
   # The noise coefficient of x̂_t is 1 - t (Eq. 6 with Eqs. 9-10).
   t_local = 0.3
   t = paths.global_time(t_local, s, e)
-  x_t_noise_only = paths.interpolate(*paths.stage_endpoints(0 * d, 0 * u, n, s, e), t_local)
+  x_t_noise_only = paths.interpolate(*paths.stage_endpoints(0 * d, 0 * u, n, s, e, FLOW_MATCHING), t_local)
   np.testing.assert_allclose(x_t_noise_only, (1 - t) * n, rtol=1e-6, atol=1e-6)
   # The target is the derivative of the path in t'.
   h = 1e-3
@@ -154,7 +156,8 @@ def test_sampler_with_exact_velocity_returns_the_data_point(gamma, seed):
   def velocity_fn(x, t, k):
     s, e = pyramid.windows[k]
     clean = pyramid.level(x1, k)
-    return paths.exact_single_point_velocity(x, t, s, e, clean, pyramid.start_mean(clean, k))
+    return paths.exact_single_point_target(x, t, s, e, clean, pyramid.start_mean(clean, k),
+                                           FLOW_MATCHING)
 
   out = jax.jit(lambda key: samplers.sample_pyramid(
       velocity_fn, key, x1.shape, pyramid, [3, 5, 2]))(jax.random.key(seed))
@@ -169,7 +172,8 @@ def test_sampler_is_bound_to_the_eq11_velocity_scale():
   def velocity_fn(x, t, k):
     s, e = pyramid.windows[k]
     clean = pyramid.level(x1, k)
-    v = paths.exact_single_point_velocity(x, t, s, e, clean, pyramid.start_mean(clean, k))
+    v = paths.exact_single_point_target(x, t, s, e, clean, pyramid.start_mean(clean, k),
+                                        FLOW_MATCHING)
     return v * (e - s)
 
   out = samplers.sample_pyramid(velocity_fn, jax.random.key(0), x1.shape, pyramid, [4, 4, 4])
@@ -182,11 +186,11 @@ def test_velocity_from_clean_is_exact_for_the_true_clean_endpoint():
   d, u = resample.level(x1, 0), resample.start_mean(x1, 0)
   n = jax.random.normal(jax.random.key(6), d.shape)
   s, e, t_local = 0.5, 1.0, 0.7
-  x_s, x_e = paths.stage_endpoints(d, u, n, s, e)
+  x_s, x_e = paths.stage_endpoints(d, u, n, s, e, FLOW_MATCHING)
   x_t = paths.interpolate(x_s, x_e, t_local)
   np.testing.assert_allclose(
-      paths.velocity_from_clean(x_t, d, u, t_local, s, e), paths.velocity_target(x_s, x_e),
+      paths.target_from_clean(x_t, d, u, t_local, s, e, FLOW_MATCHING), paths.velocity_target(x_s, x_e),
       atol=1e-5)
   # A wrong clean prediction gives a wrong velocity.
-  assert not np.allclose(paths.velocity_from_clean(x_t, d + 0.1, u, t_local, s, e),
+  assert not np.allclose(paths.target_from_clean(x_t, d + 0.1, u, t_local, s, e, FLOW_MATCHING),
                          paths.velocity_target(x_s, x_e), atol=1e-2)

@@ -496,7 +496,7 @@ def test_sample_pyramid_rejects_bad_arguments():
   with pytest.raises(ValueError, match="divisible"):
     samplers.sample_pyramid(fn, jax.random.key(0), (6, 8, 8, 1), pyramid, [2, 2, 2])
   with pytest.raises(ValueError):
-    samplers.integrate_stage(fn, jnp.zeros((8, 8, 8, 1)), 0, 0.5, 1.0, 0)
+    samplers.integrate_stage(fn, jnp.zeros((8, 8, 8, 1)), 0, 0.5, 1.0, 0, FM)
 
 
 # --- h. stage-consistent RoPE positions (TPDiff Eq. 14) ----------------------------------------
@@ -561,7 +561,8 @@ def test_make_pyramid_partition_and_defaults():
   assert pyramid.gammas == pytest.approx((-1 / 3, -1 / 3))
   assert stages.make_pyramid(3, partition=(1, 1, 2)).windows[1][1] == pytest.approx(0.5)
   uniform = stages.make_pyramid(3)
-  np.testing.assert_allclose(uniform.windows, windows.stage_windows(3), atol=1e-12)
+  np.testing.assert_allclose(uniform.windows, windows.stage_windows(3, None, windows.MIN_SPATIAL_GAMMA, FM),
+                             atol=1e-12)
   one = stages.make_pyramid(1, spatial=False)
   assert one.windows == ((0.0, 1.0),) and one.gammas == ()
   assert stages.make_pyramid(3, gamma=-0.2).gammas == (-0.2, -0.2)

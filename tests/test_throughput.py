@@ -12,7 +12,7 @@ from flax import nnx
 from jax.extend import core as jax_core
 
 from pfm import models, throughput
-from pfm.models import attention
+from pfm.models import masks
 
 # A small model whose matmuls dominate its elementwise work (width 128), quick to compile.
 CONFIG = models.model_config(
@@ -100,15 +100,15 @@ def test_allowed_pairs_match_dense_mask():
   batch = random_packed_batch(rng, 5, 40, 24, max_segments=4, max_frames=5)
   seg = np.concatenate([batch["text_segment_ids"], batch["segment_ids"]], axis=1)
   frames = np.concatenate(
-    [np.full(batch["text_segment_ids"].shape, attention.TEXT_FRAME), batch["frame_index"]],
+    [np.full(batch["text_segment_ids"].shape, masks.TEXT_FRAME), batch["frame_index"]],
     axis=1)
-  mask = np.asarray(attention.make_attention_mask(seg, frames, seg, frames))  # [B, 1, L, L]
+  mask = np.asarray(masks.make_attention_mask(seg, frames, seg, frames))  # [B, 1, L, L]
   np.testing.assert_array_equal(throughput.allowed_pairs(seg, frames), mask.sum(axis=(1, 2, 3)))
 
   # Unsorted frames and gaps in the segment ids count the same.
   perm = rng.permutation(seg.shape[1])
   shuffled_seg, shuffled_frames = seg[:, perm] * 3, frames[:, perm] * 7
-  mask = np.asarray(attention.make_attention_mask(
+  mask = np.asarray(masks.make_attention_mask(
     shuffled_seg, shuffled_frames, shuffled_seg, shuffled_frames))
   np.testing.assert_array_equal(
     throughput.allowed_pairs(shuffled_seg, shuffled_frames), mask.sum(axis=(1, 2, 3)))
@@ -117,14 +117,14 @@ def test_allowed_pairs_match_dense_mask():
 
   # Video queries onto caption keys, and the attention term assembled from the pairs.
   text_seg, video_seg = batch["text_segment_ids"], batch["segment_ids"]
-  cross = np.asarray(attention.make_attention_mask(
+  cross = np.asarray(masks.make_attention_mask(
     video_seg, np.zeros_like(video_seg), text_seg, np.zeros_like(text_seg)))
   np.testing.assert_array_equal(throughput.cross_pairs(video_seg, text_seg),
                                 cross.sum(axis=(1, 2, 3)))
   counts = throughput.step_flops(batch, CONFIG)
-  text_mask = np.asarray(attention.make_attention_mask(
+  text_mask = np.asarray(masks.make_attention_mask(
     text_seg, np.zeros_like(text_seg), text_seg, np.zeros_like(text_seg)))
-  joint = np.asarray(attention.make_attention_mask(seg, frames, seg, frames)).sum()
+  joint = np.asarray(masks.make_attention_mask(seg, frames, seg, frames)).sum()
   expected = 4 * CONFIG.width * (CONFIG.depth * joint - text_mask.sum()) + (
     4 * CONFIG.text_width * CONFIG.text_depth * text_mask.sum())
   assert counts["attention_useful"] == expected

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from pfm import checkpointing, train
+from pfm import checkpointing, train, validation
 from pfm import sample as sample_lib
+from pfm import spec as spec_lib
+from pfm import state as state_lib
 from pfm.data import video as video_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +31,7 @@ def smoke_config(**train_overrides):
 
 
 def final_params(config, workdir, step=None):
-  _, abstract = train.abstract_state(config)
+  _, abstract = state_lib.abstract_state(spec_lib.resolve(config))
   state, _ = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).restore(
       abstract, step=step)
   return state
@@ -75,9 +77,9 @@ def test_train_step_compiles_once_for_all_stages(scan_layers, remat_policy):
   config.model.scan_layers = scan_layers
   config.model.remat_policy = remat_policy
   from pfm.data import pipeline
-  graphdef, state = train.init_state(config)
-  step_fn = train.make_train_step(config, graphdef)
-  data = iter(pipeline.create_dataset(config, seed=0))
+  graphdef, state = state_lib.init_state(spec_lib.resolve(config))
+  step_fn = train.make_train_step(spec_lib.resolve(config), graphdef)
+  data = iter(pipeline.create_dataset(spec_lib.resolve(config), seed=0))
   stages = set()
   for _ in range(6):
     batch = next(data)
@@ -94,13 +96,13 @@ def test_gradient_accumulation_equals_the_large_batch():
   from pfm.data import pipeline
   config = smoke_config()
   config.data.batch_size = 4
-  graphdef, state = train.init_state(config)
-  batch = next(iter(pipeline.create_dataset(config, seed=3)))
+  graphdef, state = state_lib.init_state(spec_lib.resolve(config))
+  batch = next(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=3)))
   key = jax.random.key(7)
   results = {}
   for m in (1, 2, 4):
     fn = jax.jit(functools.partial(train.loss_and_grads, graphdef=graphdef,
-                                   obj=train.objective_config(config), microbatches=m))
+                                   obj=spec_lib.resolve(config).objective, microbatches=m))
     loss, err, weight, grads = fn(state["params"], batch, key)
     results[m] = (float(loss), np.asarray(err), [np.asarray(g) for g in jax.tree.leaves(grads)])
   loss1, err1, grads1 = results[1]
@@ -114,7 +116,7 @@ def test_gradient_accumulation_equals_the_large_batch():
   # A different batch gives a different gradient: the comparison above is not vacuous.
   other = jax.tree.map(lambda x: x[::-1].copy(), batch)
   fn = jax.jit(functools.partial(train.loss_and_grads, graphdef=graphdef,
-                                 obj=train.objective_config(config), microbatches=2))
+                                 obj=spec_lib.resolve(config).objective, microbatches=2))
   _, _, _, grads_other = fn(state["params"], other, jax.random.key(8))
   assert max(np.max(np.abs(np.asarray(g) - h))
              for g, h in zip(jax.tree.leaves(grads_other), grads1)) > 1e-3 * scale
@@ -181,8 +183,7 @@ def test_invalid_config_fails_before_compilation(tmp_path, section, field, value
 
 
 def test_default_config_is_valid():
-  from pfm import config as config_lib
-  config_lib.validate(default.get_config())
+  validation.validate(default.get_config())
   with pytest.raises(ValueError, match="unknown config variants"):
     default.get_config("smoke,tiny")
 
@@ -191,12 +192,12 @@ def test_sampler_context_cache_matches_full_recompute():
   """With clean-conditioned captions, caching caption + history keys/values changes nothing."""
   config = smoke_config()
   config.model.text_time_conditioning = False
-  graphdef, state = train.init_state(config)
+  graphdef, state = state_lib.init_state(spec_lib.resolve(config))
   rng = np.random.default_rng(0)  # move off the zero init so the output depends on everything
   params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype),
                         state["params"])
-  cached = sample_lib.Sampler(config, graphdef, params)
-  full = sample_lib.Sampler(config, graphdef, params)
+  cached = sample_lib.Sampler(spec_lib.resolve(config), graphdef, params)
+  full = sample_lib.Sampler(spec_lib.resolve(config), graphdef, params)
   full.caches_context = False
   assert cached.caches_context
   kwargs = dict(num_frames=3, first_frame_steps=(2, 2, 2), later_frame_steps=(2, 1, 1),

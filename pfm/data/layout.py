@@ -15,8 +15,8 @@ the integer grid of its own token size), the temporal pyramid *interpolates* (a 
 history unit places its token centres on the current unit's grid).
 
 Everything is pure NumPy on host arrays and is shared by the training pipeline
-(``pfm.data.pipeline``) and the sampler, so both lay tokens out identically. ``patchify`` and
-``unpatchify`` use only array methods and also accept JAX arrays.
+(``pfm.data.pipeline``) and the sampler, so both lay tokens out identically; the token maths
+itself (``patchify``, positions, start means on tokens) is ``pfm.pyramid.tokens``.
 """
 
 from __future__ import annotations
@@ -24,71 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from pfm.pyramid import resample
-
-
-def patchify(x, p: int):
-  """Cuts images into non-overlapping ``p x p`` patches, one token per patch.
-
-  Args:
-    x: ``[..., H, W, C]`` (NumPy or JAX), any dtype.
-    p: patch size; must divide H and W.
-
-  Returns:
-    ``[..., (H / p) * (W / p), p * p * C]``, same dtype. Tokens run row-major over the
-    ``(H / p, W / p)`` token grid; each token is its patch flattened in ``(p, p, C)`` order.
-
-  Raises:
-    ValueError: if ``p`` does not divide H or W.
-  """
-  *lead, h, w, c = x.shape
-  if h % p or w % p:
-    raise ValueError(f"patchify: size {h}x{w} is not divisible by patch size {p}")
-  x = x.reshape(*lead, h // p, p, w // p, p, c).swapaxes(-4, -3)
-  return x.reshape(*lead, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(tokens, p: int, h: int, w: int):
-  """Inverse of ``patchify``.
-
-  Args:
-    tokens: ``[..., (h / p) * (w / p), p * p * C]`` (NumPy or JAX).
-    p: patch size.
-    h: image height in pixels (a multiple of ``p``).
-    w: image width in pixels (a multiple of ``p``).
-
-  Returns:
-    ``[..., h, w, C]``, same dtype.
-
-  Raises:
-    ValueError: if the token count or token size does not match ``(p, h, w)``.
-  """
-  *lead, n, size = tokens.shape
-  if h % p or w % p or n != (h // p) * (w // p) or size % (p * p):
-    raise ValueError(f"unpatchify: tokens {tokens.shape} do not tile a {h}x{w} image with "
-                     f"patch size {p}")
-  c = size // (p * p)
-  x = tokens.reshape(*lead, h // p, w // p, p, p, c).swapaxes(-4, -3)
-  return x.reshape(*lead, h, w, c)
-
-
-def patch_start_mean(tokens, p: int):
-  """Up(Down(., 2)) applied inside each token: the start mean Û implied by clean tokens D̂.
-
-  Because the patch side ``p`` is even, the 2x2 blocks of Down/Up never straddle two tokens, so
-  the stage start mean of Eq. (8) can be computed token by token.
-
-  Args:
-    tokens: ``[..., n, p * p * C]`` (NumPy or JAX), in ``patchify`` order.
-    p: patch size, even.
-
-  Returns:
-    same shape and dtype.
-  """
-  if p % 2:
-    raise ValueError(f"patch_start_mean needs an even patch size, got {p}")
-  *lead, n, size = tokens.shape
-  patches = tokens.reshape(*lead, n, p, p, size // (p * p))
-  return resample.start_mean(patches, 0).reshape(tokens.shape)
+from pfm.pyramid import tokens as tokens_lib
 
 
 def check_sizes(height: int, width: int, patch_size: int, num_stages: int) -> None:
@@ -136,31 +72,6 @@ def history_levels(i: int, k: int, num_stages: int) -> list[int]:
   return [min(k + (i - 1 - j), num_stages - 1) for j in range(i)]
 
 
-def grid_positions(level_size_hw: tuple[int, int],
-                   current_size_hw: tuple[int, int]) -> np.ndarray:
-  """Spatial (row, col) positions of a token grid on the current unit's grid (Sec. 3.4).
-
-  Token ``(r, c)`` of a ``level_size_hw`` grid sits at
-  ``((r + 0.5) * H_cur / H_lvl - 0.5, (c + 0.5) * W_cur / W_lvl - 0.5)``: its centre mapped onto
-  the ``current_size_hw`` grid. When both sizes are equal this is the integer grid
-  ``0..h-1 x 0..w-1`` exactly, which is what the current unit of any stage uses (extrapolation:
-  a lower-resolution stage keeps the integer grid of its own size). A lower-resolution history
-  unit gets fractional positions (interpolation), e.g. a 2x2 grid on a 4x4 grid -> {0.5, 2.5}.
-
-  Args:
-    level_size_hw: ``(h, w)`` token grid of the unit being placed.
-    current_size_hw: ``(h, w)`` token grid of the current unit.
-
-  Returns:
-    float32 ``[h * w, 2]``, row-major over the placed grid (the order of ``patchify``).
-  """
-  (h, w), (hc, wc) = level_size_hw, current_size_hw
-  rows = (np.arange(h, dtype=np.float64) + 0.5) * (hc / h) - 0.5
-  cols = (np.arange(w, dtype=np.float64) + 0.5) * (wc / w) - 0.5
-  grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1)
-  return grid.reshape(h * w, 2).astype(np.float32)
-
-
 def layout_history(history_frames: np.ndarray, k: int, num_stages: int,
                    p: int) -> dict[str, np.ndarray]:
   """Tokens of the clean history units 0..i-1 for a current unit at stage ``k`` (Eq. 16-17).
@@ -193,11 +104,11 @@ def layout_history(history_frames: np.ndarray, k: int, num_stages: int,
     while stop < i and levels[stop] == lvl:
       stop += 1
     run = resample.level(history_frames[start:stop].astype(np.float32), lvl)
-    run_tokens = patchify(run, p)  # [units, n_lvl, P]
+    run_tokens = tokens_lib.patchify(run, p)  # [units, n_lvl, P]
     n_lvl = run_tokens.shape[1]
     tokens.append(run_tokens.reshape(-1, run_tokens.shape[-1]))
     frame_index.append(np.repeat(np.arange(start, stop, dtype=np.int32), n_lvl))
-    grid = grid_positions(level_token_grid(height, width, lvl, p), current_grid)
+    grid = tokens_lib.grid_positions(level_token_grid(height, width, lvl, p), current_grid)
     positions.append(np.tile(grid, (stop - start, 1)))
     start = stop
   if not tokens:
@@ -244,8 +155,8 @@ def layout_sample(frames: np.ndarray, i: int, k: int, num_stages: int,
   frames = frames.astype(np.float32)
   history = layout_history(frames[:i], k, num_stages, p)
   current = frames[i]
-  end = patchify(resample.level(current, k), p)
-  start = patchify(resample.start_mean(current, k), p)
+  end = tokens_lib.patchify(resample.level(current, k), p)
+  start = tokens_lib.patchify(resample.start_mean(current, k), p)
   if k == num_stages - 1:
     start = np.zeros_like(start)
   n_cur, n_hist = end.shape[0], history["tokens"].shape[0]
@@ -255,7 +166,7 @@ def layout_sample(frames: np.ndarray, i: int, k: int, num_stages: int,
       clean_end=np.concatenate([history["tokens"], end]),
       clean_start=np.concatenate([np.zeros_like(history["tokens"]), start]),
       frame_index=frame_index,
-      positions=np.concatenate([history["positions"], grid_positions(grid, grid)]),
+      positions=np.concatenate([history["positions"], tokens_lib.grid_positions(grid, grid)]),
       stage=np.full(n_hist + n_cur, k, np.int32),
       is_target=np.concatenate([np.zeros(n_hist, np.int32), np.ones(n_cur, np.int32)]),
       temporal_positions=frame_index.astype(np.float32),
@@ -310,10 +221,10 @@ def layout_clip(frames: np.ndarray, k: int, pyramid, p: int, *,
   n = num_frames * per_frame
   ft = pyramid.jump(k)[1] if k < pyramid.num_stages - 1 else 1
   frame_of_token = np.repeat(np.arange(num_frames), per_frame)
-  grid = grid_positions((h // p, w // p), (h // p, w // p))
+  grid = tokens_lib.grid_positions((h // p, w // p), (h // p, w // p))
   return dict(
-      clean_end=patchify(clean, p).reshape(n, -1),
-      clean_start=patchify(start, p).reshape(n, -1),
+      clean_end=tokens_lib.patchify(clean, p).reshape(n, -1),
+      clean_start=tokens_lib.patchify(start, p).reshape(n, -1),
       frame_index=np.zeros(n, np.int32),
       positions=np.tile(grid, (num_frames, 1)),
       stage=np.full(n, k, np.int32),

@@ -43,7 +43,7 @@ from absl import logging
 import grain
 import numpy as np
 
-from pfm import config as config_lib
+from pfm import spec as spec_lib
 from pfm.data import alignment
 from pfm.data import layout
 from pfm.data import manifest as manifest_lib
@@ -62,8 +62,8 @@ _last_report: manifest_lib.SkipReport | None = None
 _runtime_skips: collections.Counter = collections.Counter()
 
 
-def check_config(config) -> int:
-  """Checks the data fields of ``config`` against each other.
+def check_spec(spec: spec_lib.RunSpec) -> int:
+  """Checks the data fields of a run spec against each other and against its pyramid.
 
   Returns:
     the worst-case number of video tokens of one sample
@@ -75,9 +75,10 @@ def check_config(config) -> int:
       max_text_tokens``), or ``stage_weights`` is not ``num_stages`` non-negative weights with a
       positive sum.
   """
-  data, num_stages = config.data, config.pyramid.num_stages
-  if config_lib.mode(config) == "full_sequence":
-    pyramid = config_lib.pyramid(config)
+  config = spec.config
+  data, num_stages = config.data, spec.num_stages
+  if spec.mode == "full_sequence":
+    pyramid = spec.pyramid
     coarsest = pyramid.temporal_factors[-1]
     if data.num_frames % coarsest:
       raise ValueError(f"config.data.num_frames={data.num_frames} is not divisible by the "
@@ -110,7 +111,7 @@ def check_config(config) -> int:
   return worst
 
 
-def load_records(config, *, shard_index: int = 0,
+def load_records(spec: spec_lib.RunSpec, *, shard_index: int = 0,
                  shard_count: int = 1) -> tuple[list[dict], manifest_lib.SkipReport]:
   """This host's usable records of ``config.data.manifest`` ("" = ``default_manifest()``).
 
@@ -129,6 +130,7 @@ def load_records(config, *, shard_index: int = 0,
     ValueError: if no record of the shard is usable (the message names the manifest).
     FileNotFoundError: if the manifest does not exist.
   """
+  config = spec.config
   path = config.data.manifest
   if path:
     (records, report), source = manifest_lib.load_manifest(path), path
@@ -234,17 +236,17 @@ def _to_batch_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return row
 
 
-def create_dataset(config, *, seed: int, shard_index: int = 0, shard_count: int = 1,
-                   batch_size: int | None = None) -> grain.IterDataset:
+def create_dataset(spec: spec_lib.RunSpec, *, seed: int, shard_index: int = 0,
+                   shard_count: int = 1, batch_size: int | None = None) -> grain.IterDataset:
   """The packed training batches of one data shard, as a grain dataset.
 
   Args:
-    config: ``ml_collections.ConfigDict`` with ``mode`` and ``data.{manifest, height, width, num_frames,
-      frame_stride, max_tokens, max_text_tokens, caption_length, batch_size, num_workers}``
-      (optional: ``data.num_packing_bins``, default ``4 * batch_size``, rows packed at once, more
-      rows give less padding; ``data.num_threads``, default 2, threads making samples in each
-      process), ``model.patch_size`` and ``pyramid.{num_stages, stage_weights, align_noise, ...}``
-      (``pfm.config.pyramid``).
+    spec: the run spec (``pfm.spec.resolve``): its mode and pyramid, and the config's
+      ``data.{manifest, height, width, num_frames, frame_stride, max_tokens, max_text_tokens,
+      caption_length, batch_size, num_workers, num_packing_bins (0: 4 * batch_size rows packed
+      at once; more rows give less padding), num_threads (threads making samples in each
+      process)}``, ``model.patch_size`` and ``pyramid.{stage_weights, align_noise,
+      stage_consistent_rope}``.
     seed: pipeline seed in [0, 2^32); the same seed gives the same batches.
     shard_index: this shard's index, in [0, shard_count).
     shard_count: number of disjoint shards of the records.
@@ -256,12 +258,13 @@ def create_dataset(config, *, seed: int, shard_index: int = 0, shard_count: int 
     ``set_state()``.
 
   Raises:
-    ValueError: on an inconsistent config (``check_config``) or if no record is usable.
+    ValueError: on an inconsistent config (``check_spec``) or if no record is usable.
   """
   global _last_report
-  check_config(config)
+  check_spec(spec)
+  config = spec.config
   data = config.data
-  records, report = load_records(config, shard_index=shard_index, shard_count=shard_count)
+  records, report = load_records(spec, shard_index=shard_index, shard_count=shard_count)
   with _stats_lock:
     _last_report = report
   if len(records) < shard_count:  # Every host reads everything: decorrelate them by seed.
@@ -269,11 +272,10 @@ def create_dataset(config, *, seed: int, shard_index: int = 0, shard_count: int 
   make_sample = MakeSample(
       height=data.height, width=data.width, num_frames=data.num_frames,
       frame_stride=data.frame_stride, patch_size=config.model.patch_size,
-      num_stages=config.pyramid.num_stages, stage_weights=tuple(config.pyramid.stage_weights),
+      num_stages=spec.num_stages, stage_weights=tuple(config.pyramid.stage_weights),
       caption_length=data.caption_length, num_records=len(records),
-      pyramid=(config_lib.pyramid(config) if config_lib.mode(config) == "full_sequence"
-               else None),
-      consistent_rope=config.pyramid.get("stage_consistent_rope", True))
+      pyramid=spec.pyramid if spec.mode == "full_sequence" else None,
+      consistent_rope=config.pyramid.stage_consistent_rope)
   ds = grain.MapDataset.source(records).seed(seed)
   if len(records) < _MIN_SHUFFLE_DOMAIN:
     # grain's index_shuffle costs milliseconds per index on tiny domains (7 ms for 3 records):
@@ -282,7 +284,7 @@ def create_dataset(config, *, seed: int, shard_index: int = 0, shard_count: int 
   ds = (ds.shuffle()  # Reshuffled every epoch by repeat().
         .repeat(None)
         .random_map(make_sample)
-        .to_iter_dataset(grain.ReadOptions(num_threads=data.get("num_threads", 2),
+        .to_iter_dataset(grain.ReadOptions(num_threads=data.num_threads,
                                            prefetch_buffer_size=64)))  # Drops skipped (None).
   if data.num_workers > 0:
     if not flags.FLAGS.is_parsed():
@@ -297,23 +299,24 @@ def create_dataset(config, *, seed: int, shard_index: int = 0, shard_count: int 
   length_struct["text_tokens"] = data.max_text_tokens
   ds = grain.experimental.FirstFitPackIterDataset(
       ds, length_struct=length_struct,
-      num_packing_bins=data.get("num_packing_bins", 4 * data.batch_size),
+      num_packing_bins=data.num_packing_bins or 4 * data.batch_size,
       seed=seed, shuffle_bins=True)
   ds = ds.map(_to_batch_row).batch(batch_size or data.batch_size, drop_remainder=True)
-  if config.pyramid.get("align_noise", False):
+  if config.pyramid.align_noise:
     # Data-noise alignment (TPDiff Algorithm 1) on this host's batch.
     ds = ds.random_map(alignment.AlignNoise(), seed=seed)
   return ds
 
 
-def data_shards(config, process_count: int) -> int:
+def data_shards(spec: spec_lib.RunSpec, process_count: int) -> int:
   """Number of data shards: ``config.data.num_shards``, or one per process when it is 0.
 
   Raises:
     ValueError: naming ``config.data.num_shards`` / ``config.data.batch_size`` when the shards
       do not split evenly over the processes or the global batch over the shards.
   """
-  shards = int(config.data.get("num_shards", 0)) or process_count
+  config = spec.config
+  shards = int(config.data.num_shards) or process_count
   if shards % process_count:
     raise ValueError(f"config.data.num_shards={shards} is not a multiple of the {process_count} "
                      "processes")
@@ -340,13 +343,14 @@ class ProcessBatches:
     ValueError: see `data_shards` and `create_dataset`.
   """
 
-  def __init__(self, config, *, seed: int, process_index: int = 0, process_count: int = 1):
-    self.shard_count = data_shards(config, process_count)
+  def __init__(self, spec: spec_lib.RunSpec, *, seed: int, process_index: int = 0,
+               process_count: int = 1):
+    self.shard_count = data_shards(spec, process_count)
     per_process = self.shard_count // process_count
-    rows = config.data.batch_size // self.shard_count
+    rows = spec.config.data.batch_size // self.shard_count
     self.shards = tuple(range(process_index * per_process, (process_index + 1) * per_process))
     self._iterators = {
-        shard: iter(create_dataset(config, seed=seed, shard_index=shard,
+        shard: iter(create_dataset(spec, seed=seed, shard_index=shard,
                                    shard_count=self.shard_count, batch_size=rows))
         for shard in self.shards}
 

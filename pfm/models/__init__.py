@@ -2,16 +2,31 @@
 
 `build_model(config, rngs)` builds an `MMDiT` from an `MMDiTConfig`, a variant name
 ("smoke", "S", "B", "L", "2B") or a mapping of config fields.
+
+Modules, lowest first (each imports only modules above it in this list):
+  axes          logical axis names of parameters and activations, and the named layouts
+  partitioning  logical names -> mesh axes: initializers with names, specs, constraints
+  layers        linear / norm / MLP layers with logical names on every parameter
+  masks         the attention mask from token metadata (`MaskInfo`, `make_attention_mask`)
+  kernels       attention kernels (xla, dot_product, cudnn, splash) and their registry
+  embeddings    sinusoidal position / noise-level embeddings and RoPE
+  attention     attention projections (`QKV`, `attention_output`)
+  text          the byte-level caption encoder and per-segment pooling
+  presets       `MMDiTConfig` and the size presets `VARIANTS`
+  blocks        `StreamBlock`, `JointBlock`, `FinalLayer`
+  stacking      stacked blocks under `jax.lax.scan`, remat policies, checkpoint layouts
+  mmdit         the `MMDiT` module, `build_model`, `count_params`
 """
 
 from __future__ import annotations
 
-from pfm.models.attention import (
-  ATTENTION_BACKENDS, MaskInfo, dot_product_attention, make_attention_mask)
-from pfm.models.mmdit import (
-  VARIANTS, MMDiT, MMDiTConfig, build_model, count_params, model_config)
-from pfm.models.partitioning import (
-  LOGICAL_AXIS_NAMES, logical_to_mesh_axes, with_logical_constraint)
+from pfm.models.axes import LOGICAL_AXIS_NAMES
+from pfm.models.kernels import ATTENTION_BACKENDS, check_backend, dot_product_attention
+from pfm.models.masks import MaskInfo, make_attention_mask
+from pfm.models.mmdit import MMDiT, build_model, count_params
+from pfm.models.partitioning import logical_to_mesh_axes, with_logical_constraint
+from pfm.models.presets import VARIANTS, MMDiTConfig, model_config
+from pfm.models.stacking import REMAT_POLICY_NAMES
 
 __all__ = [
   "ATTENTION_BACKENDS",
@@ -19,8 +34,10 @@ __all__ = [
   "MMDiT",
   "MMDiTConfig",
   "MaskInfo",
+  "REMAT_POLICY_NAMES",
   "VARIANTS",
   "build_model",
+  "check_backend",
   "count_params",
   "dot_product_attention",
   "logical_to_mesh_axes",

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pfm.models.axes import ACT_MLP
 from pfm.models.partitioning import LogicalNames, param_init, with_logical_constraint
 
 xavier_uniform = nnx.initializers.xavier_uniform()
@@ -115,5 +116,5 @@ class Mlp(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, L, D] -> [B, L, D] in the compute dtype."""
     h = jax.nn.gelu(self.fc1(x), approximate=True)
-    h = with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+    h = with_logical_constraint(h, ACT_MLP)
     return self.fc2(h)

@@ -1,16 +1,18 @@
-"""Logical axis names for parameters and activations.
+"""Logical axis names -> mesh axes: parameter initializers, partition specs, constraints.
 
 Every parameter of the model carries logical axis names (e.g. `("embed", "mlp")`) as
 `out_sharding` metadata on its `nnx.Param`, and the main activations pass through
 `with_logical_constraint` with logical names (e.g. `("activation_batch",
-"activation_length", "activation_embed")`). Neither names a device: one rules table, a
-sequence of `(logical_name, mesh_axes)` pairs, maps them onto the mesh axes `data`, `fsdp`,
-`tensor`, `sequence`, so changing the parallelism is a change of rules, never of the model.
+"activation_length", "activation_embed")`); the names are those of `pfm.models.axes`. Neither
+names a device: one rules table, a sequence of `(logical_name, mesh_axes)` pairs, maps them onto
+the mesh axes `data`, `fsdp`, `tensor`, `sequence`, so changing the parallelism is a change of
+rules, never of the model.
 
 Parameters are created with `eager_sharding=False`, so building a model needs no mesh. To get
 their physical layout, evaluate `nnx.get_partition_spec(nnx.state(model))` inside
-`nnx.logical_axis_rules(rules)` (every logical name below must then appear in the rules, mapped
-to `None` when replicated), e.g. on an abstract model from `nnx.eval_shape`.
+`nnx.logical_axis_rules(rules)` (every name of `pfm.models.axes.LOGICAL_AXIS_NAMES` must then
+appear in the rules, mapped to `None` when replicated), e.g. on an abstract model from
+`nnx.eval_shape`.
 
 Activation constraints are no-ops unless both a mesh is set (`jax.set_mesh`) and rules are
 given, either explicitly or through `nnx.logical_axis_rules`.
@@ -24,19 +26,6 @@ from typing import Any
 import jax
 from flax import nnx
 from flax.core import spmd as flax_spmd
-
-# Logical names used on parameters.
-PARAM_AXES = ("embed", "mlp", "heads", "kv", "vocab", "norm", "layers")
-# Logical names used on activations.
-ACTIVATION_AXES = (
-  "activation_batch",
-  "activation_length",
-  "activation_embed",
-  "activation_heads",
-  "activation_kv",
-  "activation_mlp",
-)
-LOGICAL_AXIS_NAMES = PARAM_AXES + ACTIVATION_AXES
 
 LogicalNames = Sequence[str | None]
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]

@@ -15,17 +15,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pfm.models import attention
+from pfm.models.attention import QKV, attention_output
+from pfm.models.axes import ACT_EMBED
 from pfm.models.embeddings import apply_rope, rope_angles
+from pfm.models.kernels import dot_product_attention
 from pfm.models.layers import Mlp, rms_norm
+from pfm.models.masks import MaskInfo
 from pfm.models.partitioning import param_init, with_logical_constraint
 
 TEXT_VOCAB_SIZE = 258
 PAD_ID = 0
 BOS_ID = 1
 BYTE_OFFSET = 2
-
-_ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -89,21 +90,21 @@ class TextBlock(nnx.Module):
     self.rope_theta = rope_theta
     self.attention_backend = attention_backend
     self.norm1 = rms_norm(width, **kw)
-    self.qkv = attention.QKV(width, num_heads, **kw)
-    self.out = attention.attention_output(width, num_heads, **kw)
+    self.qkv = QKV(width, num_heads, **kw)
+    self.out = attention_output(width, num_heads, **kw)
     self.norm2 = rms_norm(width, **kw)
     self.mlp = Mlp(width, int(width * mlp_ratio), **kw)
 
   def __call__(
-    self, x: jax.Array, angles: jax.Array, mask: attention.MaskInfo
+    self, x: jax.Array, angles: jax.Array, mask: MaskInfo
   ) -> jax.Array:
     """x: [B, Lt, D]; angles: float32 [B, Lt, Dh/2] RoPE angles; returns [B, Lt, D]."""
     q, k, v = self.qkv(self.norm1(x))
     q, k = apply_rope(q, angles), apply_rope(k, angles)
-    a = attention.dot_product_attention(q, k, v, mask, backend=self.attention_backend)
+    a = dot_product_attention(q, k, v, mask, backend=self.attention_backend)
     x = x + self.out(a)
     x = x + self.mlp(self.norm2(x))
-    return with_logical_constraint(x, _ACT)
+    return with_logical_constraint(x, ACT_EMBED)
 
 
 class ByteTextEncoder(nnx.Module):
@@ -151,11 +152,11 @@ class ByteTextEncoder(nnx.Module):
       [B, Lt, width] per-token features in the compute dtype (values at padding are
       meaningless; they are masked out downstream).
     """
-    x = with_logical_constraint(self.embed(tokens), _ACT)
+    x = with_logical_constraint(self.embed(tokens), ACT_EMBED)
     angles = rope_angles(
       segment_positions(segment_ids), self.width // self.num_heads, self.rope_theta)
     # Bidirectional within a caption: every token has frame 0.
-    mask = attention.MaskInfo.self_attention(segment_ids, jnp.zeros_like(segment_ids))
+    mask = MaskInfo.self_attention(segment_ids, jnp.zeros_like(segment_ids))
     for block in self.blocks:
       x = block(x, angles, mask)
     return self.norm(x)

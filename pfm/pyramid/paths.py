@@ -25,15 +25,12 @@ import jax.numpy as jnp
 
 from pfm.pyramid import schedules as schedules_lib
 
-FLOW_MATCHING = schedules_lib.FlowMatching()
-
-
 def is_ddim(schedule: schedules_lib.Schedule) -> bool:
   """True for the variance-preserving schedule, whose stages use TPDiff's DDIM equations."""
   return isinstance(schedule, schedules_lib.VariancePreserving)
 
 
-def stage_endpoints(clean_end, clean_start, noise, s, e, schedule=FLOW_MATCHING):
+def stage_endpoints(clean_end, clean_start, noise, s, e, schedule: schedules_lib.Schedule):
   """Pyramidal Flow Eqs. (9)-(10), TPDiff Eqs. (7)-(8): the stage's start and end points.
 
   Args:
@@ -84,7 +81,7 @@ def global_time(t_local, s, e):
   return s + t_local * (e - s)
 
 
-def stage_point(x_start, x_end, t_local, s, e, schedule=FLOW_MATCHING):
+def stage_point(x_start, x_end, t_local, s, e, schedule: schedules_lib.Schedule):
   """x_t at rescaled stage time t' in [0, 1]: Eq. (12) for flow matching, Eq. (10) for DDIM."""
   if not is_ddim(schedule):
     return interpolate(x_start, x_end, t_local)
@@ -92,7 +89,7 @@ def stage_point(x_start, x_end, t_local, s, e, schedule=FLOW_MATCHING):
   return ddim_point(x_start, eps, global_time(t_local, s, e), s, schedule)
 
 
-def stage_target(x_start, x_end, s, e, schedule=FLOW_MATCHING):
+def stage_target(x_start, x_end, s, e, schedule: schedules_lib.Schedule):
   """The regression target of the stage: the velocity (Eq. 13) or eps_k (Eq. 11)."""
   if not is_ddim(schedule):
     return velocity_target(x_start, x_end)
@@ -124,7 +121,7 @@ def sample_local_time(key, shape, distribution: str = "uniform", mean: float = 0
 
 
 def target_from_clean(x_t, clean_end_hat, clean_start_hat, t_local, s, e,
-                      schedule=FLOW_MATCHING, min_noise: float = 1e-6):
+                      schedule: schedules_lib.Schedule, min_noise: float = 1e-6):
   """The stage target implied by a prediction of the clean data (x-prediction).
 
   A prediction D̂ of D (and Û = Up(Down(D̂)), the start mean it implies) fixes the path's mean, so
@@ -165,14 +162,8 @@ def target_from_clean(x_t, clean_end_hat, clean_start_hat, t_local, s, e,
   return noise + diff / (rho_e - rho_s)
 
 
-def velocity_from_clean(x_t, clean_end_hat, clean_start_hat, t_local, s, e,
-                        min_noise: float = 1e-6):
-  """Flow matching's ``target_from_clean``: the Eq. (11) velocity implied by D̂ and Û."""
-  return target_from_clean(x_t, clean_end_hat, clean_start_hat, t_local, s, e, FLOW_MATCHING,
-                           min_noise)
-
-
-def exact_single_point_target(x, t, s, e, clean_end, clean_start, schedule=FLOW_MATCHING):
+def exact_single_point_target(x, t, s, e, clean_end, clean_start,
+                              schedule: schedules_lib.Schedule):
   """The exact marginal target at x when the data distribution is a single point.
 
   On the coupled path the noise is recovered from x̂_t, so the marginal target equals the
@@ -186,8 +177,3 @@ def exact_single_point_target(x, t, s, e, clean_end, clean_start, schedule=FLOW_
     schedule: the diffusion's coefficients.
   """
   return target_from_clean(x, clean_end, clean_start, (t - s) / (e - s), s, e, schedule)
-
-
-def exact_single_point_velocity(x, t, s, e, clean_end, clean_start):
-  """Flow matching's ``exact_single_point_target``."""
-  return exact_single_point_target(x, t, s, e, clean_end, clean_start)

@@ -75,8 +75,8 @@ def block_noise(key, shape, gamma: float = MIN_SPATIAL_GAMMA, spatial: int = 2, 
           + math.sqrt(max(1.0 + (m - 1) * gamma, 0.0)) * block_mean)
 
 
-def renoise_coefficients(start: float, end: float, gamma: float = MIN_SPATIAL_GAMMA,
-                         schedule: schedules_lib.Schedule = schedules_lib.FlowMatching()):
+def renoise_coefficients(start: float, end: float, gamma: float,
+                         schedule: schedules_lib.Schedule):
   """(rescale, noise weight) mapping Up(x̂_{e_{k+1}}) to x̂_{s_k}.
 
   Returns ``(gamma_{s_k} / gamma_{e_{k+1}}, sigma_{s_k} / sqrt(1 - gamma))``. Flow matching,
@@ -87,9 +87,8 @@ def renoise_coefficients(start: float, end: float, gamma: float = MIN_SPATIAL_GA
   return rescale, float(schedule.noise(float(start))) / math.sqrt(1.0 - gamma)
 
 
-def renoise(key, x_end_coarse, start: float, end: float, gamma: float = MIN_SPATIAL_GAMMA,
-            schedule: schedules_lib.Schedule = schedules_lib.FlowMatching(), *, spatial: int = 2,
-            temporal: int = 1):
+def renoise(key, x_end_coarse, start: float, end: float, gamma: float,
+            schedule: schedules_lib.Schedule, *, spatial: int = 2, temporal: int = 1):
   """x̂_{s_k} = (gamma_{s_k} / gamma_{e_{k+1}}) Up(x̂_{e_{k+1}}) + alpha n' (module docstring).
 
   Pyramidal Flow Eqs. (13)/(15) for ``spatial=2, temporal=1``; TPDiff Eq. (15)/(22) for

@@ -81,7 +81,7 @@ def ddim_stage(eps_fn: ModelFn, x_start, k: int, start: float, end: float, num_s
 
 
 def integrate_stage(model_fn: ModelFn, x_start, k: int, start: float, end: float, num_steps: int,
-                    schedule: schedules_lib.Schedule = schedules_lib.FlowMatching()):
+                    schedule: schedules_lib.Schedule):
   """Euler (flow matching) or DDIM (variance-preserving) from x̂_{s_k} to x̂_{e_k}."""
   if paths.is_ddim(schedule):
     return ddim_stage(model_fn, x_start, k, start, end, num_steps, schedule)

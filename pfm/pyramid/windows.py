@@ -46,8 +46,7 @@ def jump_ratio(gamma: float) -> float:
   return math.sqrt(-gamma / (1.0 - gamma))
 
 
-def jump_end(start: float, gamma: float = MIN_SPATIAL_GAMMA,
-             schedule: schedules_lib.Schedule = schedules_lib.FlowMatching()) -> float:
+def jump_end(start: float, gamma: float, schedule: schedules_lib.Schedule) -> float:
   """e_{k+1} for a given s_k: rho(e_{k+1}) = jump_ratio(gamma) * rho(s_k).
 
   Flow matching: Pyramidal Flow Eq. (25) (= 2s/(1+s) at gamma = -1/3), TPDiff Eq. (21) at
@@ -58,8 +57,7 @@ def jump_end(start: float, gamma: float = MIN_SPATIAL_GAMMA,
   return float(schedule.time_at(jump_ratio(gamma) * schedule.noise_to_signal(float(start))))
 
 
-def jump_start(end: float, gamma: float = MIN_SPATIAL_GAMMA,
-               schedule: schedules_lib.Schedule = schedules_lib.FlowMatching()) -> float:
+def jump_start(end: float, gamma: float, schedule: schedules_lib.Schedule) -> float:
   """Inverse of :func:`jump_end`: s_k given e_{k+1} (= e / (2 - e) at gamma = -1/3, flow matching)."""
   c = jump_ratio(gamma)
   if c == 0.0 or end <= 0.0:
@@ -95,9 +93,9 @@ def partition_boundaries(partition: Sequence[float]) -> tuple[float, ...]:
 
 def stage_windows(
     num_stages: int,
-    boundaries: Sequence[float] | None = None,
-    gamma: float | Sequence[float] = MIN_SPATIAL_GAMMA,
-    schedule: schedules_lib.Schedule = schedules_lib.FlowMatching(),
+    boundaries: Sequence[float] | None,
+    gamma: float | Sequence[float],
+    schedule: schedules_lib.Schedule,
 ) -> np.ndarray:
   """Time windows ``[s_k, e_k]`` of all stages.
 

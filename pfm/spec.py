@@ -1,0 +1,201 @@
+"""The resolved run spec: everything a run derives from its config, built once by `resolve`.
+
+A run config (``configs/*.py``, ``workdir/config.json``) is a tree of plain fields. `resolve`
+checks each field on its own (finite float32 numbers, whole-number sizes), fills the optional
+fields that older workdirs lack from one table (`OPTIONAL_FIELDS`), and builds the objects every
+layer needs: the pyramid (``pfm.pyramid.stages``), the MM-DiT config, the objective config and the
+sampling steps per stage. The data pipeline, the train step, the sampler and the benchmarks take
+the `RunSpec`; none rebuilds any of it. Checks that relate fields to each other (and to the
+devices of the run) are in ``pfm.validation``, which returns the spec of a valid config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from pfm import errors
+from pfm import models
+from pfm import objective
+from pfm.pyramid import stages
+
+MODES = ("autoregressive", "full_sequence")
+
+# Fields a config may leave out (configs written before the field existed): value when absent.
+# The only place these defaults live; code reads the resolved fields, never ``.get``.
+OPTIONAL_FIELDS: dict[str, Any] = {
+    "mode": "autoregressive",
+    "data.num_shards": 0,             # 0: one shard per process
+    "data.num_threads": 2,            # threads making samples in each process
+    "data.num_packing_bins": 0,       # rows packed at once; 0: 4 * batch_size
+    "pyramid.spatial": True,
+    "pyramid.frame_rate_schedule": "",
+    "pyramid.partition": "",
+    "pyramid.gamma": None,            # None: the smallest valid correlation per jump
+    "pyramid.diffusion": "flow_matching",
+    "pyramid.align_noise": False,
+    "pyramid.stage_consistent_rope": True,
+    "pyramid.stage_weights": (),      # checked against num_stages in pfm.validation
+    "model.text_time_conditioning": True,
+    "model.param_dtype": "float32",
+    "model.scan_layers": False,
+    "model.remat_policy": "none",
+    "train.microbatches": 1,
+    "sample.steps_per_stage": (),     # full sequence; (): sample.total_steps split by partition
+    "sample.total_steps": 30,
+}
+
+# Fields that count something and must be whole numbers >= 1.
+POSITIVE_INT_FIELDS = (
+    "data.height", "data.width", "data.num_frames", "data.frame_stride", "data.batch_size",
+    "data.max_tokens", "data.max_text_tokens", "data.caption_length", "model.patch_size",
+    "pyramid.num_stages", "sample.num_frames", "sample.total_steps", "train.num_steps",
+    "train.log_every_steps", "train.checkpoint_every_steps", "train.sample_every_steps")
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """A run config with everything derived from it (hashable: jit may close over it).
+
+  Attributes:
+    config: the complete config, frozen (every optional field present): data, optimizer, train,
+      sample, mesh and the raw pyramid/model fields.
+    mode: ``"autoregressive"`` (frame unit by frame unit with a history, Pyramidal Flow Sec. 3.3)
+      or ``"full_sequence"`` (the whole clip at once, bidirectional attention).
+    pyramid: the stages (windows, spatial and frame-rate factors, jump correlations, diffusion).
+    model: the MM-DiT's hyper-parameters (``config.model`` over its size preset).
+    objective: the training objective's static settings.
+    steps_per_stage: full-sequence sampling steps of each stage, coarsest first.
+    first_frame_steps: autoregressive Euler steps per stage for the first frame unit.
+    later_frame_steps: autoregressive Euler steps per stage for later units.
+  """
+
+  config: ml_collections.FrozenConfigDict
+  mode: str
+  pyramid: stages.Pyramid
+  model: models.MMDiTConfig
+  objective: objective.ObjectiveConfig
+  steps_per_stage: tuple[int, ...]
+  first_frame_steps: tuple[int, ...]
+  later_frame_steps: tuple[int, ...]
+
+  @property
+  def num_stages(self) -> int:
+    return self.pyramid.num_stages
+
+
+def resolve(config: ml_collections.ConfigDict | RunSpec) -> RunSpec:
+  """The `RunSpec` of ``config`` (a spec is returned as it is).
+
+  Raises:
+    pfm.errors.ConfigError: naming the field, for a non-finite number (or one beyond float32,
+      such as a learning rate of 1e39), a size that is not a whole number >= 1, stage weights
+      that are not numbers, an unknown mode, diffusion or model variant, or pyramid settings
+      (spatial / frame_rate_schedule / partition / gamma) that make no valid stage windows.
+  """
+  if isinstance(config, RunSpec):
+    return config
+  config = complete(config)
+  check_values(config)
+  c = config
+  if c.mode not in MODES:
+    raise errors.ConfigError(f"config.mode={c.mode!r} is not one of {MODES}")
+  p = c.pyramid
+  if p.diffusion not in ("flow_matching", "ddim"):
+    raise errors.ConfigError(f"config.pyramid.diffusion={p.diffusion!r} is not one of "
+                             "('flow_matching', 'ddim')")
+  try:
+    pyramid = stages.make_pyramid(
+        p.num_stages, spatial=p.spatial, frame_rate_schedule=p.frame_rate_schedule,
+        partition=p.partition, gamma=None if p.gamma is None else float(p.gamma),
+        diffusion=p.diffusion)
+  except ValueError as e:
+    raise errors.ConfigError(
+        f"config.pyramid (spatial / frame_rate_schedule / partition / gamma): {e}; the windows "
+        "must cover [0, 1] with s_{K-1} = 0 and e_0 = 1") from None
+  m = c.model
+  if m.variant not in models.VARIANTS:
+    raise errors.ConfigError(f"config.model.variant={m.variant!r} is not one of "
+                             f"{sorted(models.VARIANTS)}")
+  model = models.model_config(
+      m.variant, patch_size=m.patch_size, attention_backend=m.attention, dtype=m.dtype,
+      param_dtype=m.param_dtype, text_time_conditioning=m.text_time_conditioning,
+      scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+  obj = objective.ObjectiveConfig(
+      windows=pyramid.windows, time_distribution=p.time_distribution,
+      history_noise_max=float(p.history_noise_max), caption_dropout=float(m.caption_dropout),
+      prediction=m.prediction, patch_size=int(m.patch_size), diffusion=pyramid.diffusion,
+      spatial_jump=pyramid.spatial_factors[1] if pyramid.num_stages > 1 else 1)
+  s = c.sample
+  steps = tuple(int(n) for n in s.steps_per_stage) or stages.split_steps(
+      s.total_steps, p.partition, p.num_stages)
+  return RunSpec(
+      config=ml_collections.FrozenConfigDict(config), mode=c.mode, pyramid=pyramid, model=model,
+      objective=obj, steps_per_stage=steps,
+      first_frame_steps=tuple(int(n) for n in s.first_frame_steps),
+      later_frame_steps=tuple(int(n) for n in s.later_frame_steps))
+
+
+def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with every absent `OPTIONAL_FIELDS` entry at its default."""
+  config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict") else config)
+  for field, default in OPTIONAL_FIELDS.items():
+    *sections, key = field.split(".")
+    node = config
+    for section in sections:
+      if section not in node:
+        node[section] = ml_collections.ConfigDict()
+      node = node[section]
+    if key not in node:
+      node[key] = default
+  return config
+
+
+def _check_finite(config: ml_collections.ConfigDict, prefix: str = "config") -> None:
+  """Every float of ``config`` (nested, in sequences too) is finite in float32."""
+  for key, value in config.items():
+    name = f"{prefix}.{key}"
+    if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+      _check_finite(value, name)
+      continue
+    for v in (value if isinstance(value, (list, tuple)) else (value,)):
+      if isinstance(v, (float, np.floating)) and not abs(v) <= _FLOAT32_MAX:
+        raise errors.ConfigError(f"{name}={value}: need a finite number within float32 range "
+                                 f"(|x| <= {_FLOAT32_MAX:.3g})")
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Field-by-field checks that need no other field: finite float32 numbers, positive sizes.
+
+  Raises:
+    pfm.errors.ConfigError: naming the field.
+  """
+  _check_finite(config)
+  for field in POSITIVE_INT_FIELDS:
+    section, key = field.split(".")
+    if section not in config or key not in config[section]:
+      continue
+    value = config[section][key]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise errors.ConfigError(f"config.{field}={value!r}: need a whole number >= 1")
+  weights = config.pyramid.get("stage_weights", ())
+  if not all(isinstance(w, (int, float, np.number)) and not isinstance(w, bool)
+             for w in weights):
+    raise errors.ConfigError(f"config.pyramid.stage_weights={weights!r}: need one number per "
+                             "stage, e.g. 1,2,1")
+
+
+def flatten(config) -> dict[str, object]:
+  """``{"data.height": 64, ...}`` with sequences as strings: hyper-parameters for TensorBoard."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+      flat |= {f"{key}.{k}": v for k, v in flatten(value).items()}
+    else:
+      flat[key] = str(tuple(value)) if isinstance(value, (list, tuple)) else value
+  return flat
