@@ -33,6 +33,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from pfm import batch as batch_lib
 from pfm import errors
 from pfm import sample as sample_lib
 from pfm import spec as spec_lib
@@ -135,10 +136,11 @@ def _train_seconds_per_sample(spec: spec_lib.RunSpec, graphdef, state, *, repeat
   for k in range(pyramid.num_stages):
     sample = layout.layout_clip(frames, k, pyramid, p)
     rows = data.batch_size
-    batch = {name: np.broadcast_to(a, (rows, *a.shape)).copy() for name, a in sample.items()}
-    batch["segment_ids"] = np.ones(batch["stage"].shape, np.int32)
-    batch["text_tokens"] = rng.integers(2, 258, (rows, data.caption_length)).astype(np.int32)
-    batch["text_segment_ids"] = np.ones((rows, data.caption_length), np.int32)
+    fields = {name: np.broadcast_to(a, (rows, *a.shape)).copy() for name, a in sample.items()}
+    batch = batch_lib.PackedBatch.from_fields(fields | dict(
+        segment_ids=np.ones(fields["stage"].shape, np.int32),
+        text_tokens=rng.integers(2, 258, (rows, data.caption_length)).astype(np.int32),
+        text_segment_ids=np.ones((rows, data.caption_length), np.int32)))
     state_k = jax.tree.map(jnp.copy, state)
     state_k, metrics = step_fn(state_k, batch)  # compile
     jax.block_until_ready(metrics)

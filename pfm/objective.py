@@ -24,6 +24,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pfm import batch as batch_lib
 from pfm.pyramid import paths, schedules, tokens
 
 BOS_TOKEN = 1  # every caption starts with it; a dropped caption keeps only it (the null caption)
@@ -54,38 +55,34 @@ def _per_segment(values, segment_ids):
   return jnp.take_along_axis(values, segment_ids, axis=1)
 
 
-def corrupt_packed_batch(key, batch, config: ObjectiveConfig):
+def corrupt_packed_batch(key, batch: batch_lib.PackedBatch, config: ObjectiveConfig):
   """Noises a clean packed batch into model inputs and stage targets.
 
   Args:
     key: PRNG key (e.g. ``fold_in(rng, step)``).
-    batch: dict of packed arrays: ``clean_end``, ``clean_start`` float [B, L, P] (pixels in
-      [-1, 1]); ``segment_ids``, ``frame_index``, ``stage``, ``is_target`` int [B, L];
-      ``positions`` float [B, L, 2]; ``text_tokens``, ``text_segment_ids`` int [B, Lt];
-      optional: ``temporal_positions`` float [B, L], ``temporal_block_offset`` int [B, L]
-      (``pfm.data.layout.layout_clip``), ``noise`` float [B, L, P] (aligned noise).
+    batch: the clean packed batch (``pfm.batch.PackedBatch``); its ``noise``, when given, is
+      the host-aligned diffusion noise (TPDiff Algorithm 1).
     config: windows and noise settings.
 
   Returns:
-    ``(inputs, target, weight, path)``: ``inputs`` is a dict of the MM-DiT's keyword arguments
-    (``video_tokens``, ``video_t``, ``video_segment_ids``, ``frame_index``, ``positions``,
-    ``temporal_positions``, ``text_tokens``, ``text_segment_ids``, ``text_t``); ``target``
+    ``(inputs, target, weight, path)``: ``inputs`` is the MM-DiT's ``(video, text)``
+    (``pfm.batch.VideoTokens``, ``pfm.batch.TextTokens``); ``target``
     [B, L, P] is the stage target (velocity or eps_k) on supervised tokens; ``weight`` float32
     [B, L] sums to 1 over each row's supervised tokens divided by the number of rows, so every
     packed sample counts equally whatever its token count; ``path`` holds ``t_local``, ``s``,
     ``e`` per token ([B, L, 1]) and the metadata ``to_target`` needs.
   """
-  clean_end = batch["clean_end"].astype(jnp.float32)
-  clean_start = batch["clean_start"].astype(jnp.float32)
-  seg = batch["segment_ids"].astype(jnp.int32)
-  text_seg = batch["text_segment_ids"].astype(jnp.int32)
-  is_target = batch["is_target"].astype(bool) & (seg > 0)
+  clean_end = batch.clean_end.astype(jnp.float32)
+  clean_start = batch.clean_start.astype(jnp.float32)
+  seg = batch.segment_ids.astype(jnp.int32)
+  text_seg = batch.text_segment_ids.astype(jnp.int32)
+  is_target = batch.is_target.astype(bool) & (seg > 0)
   num_rows, length, _ = clean_end.shape
   num_slots = length + 1  # segment ids are < L + 1 since every segment has a token
 
   k_noise, k_time, k_hist, k_drop = jax.random.split(key, 4)
-  if "noise" in batch:  # aligned to the data on the host (TPDiff Algorithm 1)
-    noise = batch["noise"].astype(jnp.float32)
+  if batch.noise is not None:  # aligned to the data on the host (TPDiff Algorithm 1)
+    noise = batch.noise.astype(jnp.float32)
   else:
     noise = jax.random.normal(k_noise, clean_end.shape, jnp.float32)
   schedule = config.schedule
@@ -95,7 +92,7 @@ def corrupt_packed_batch(key, batch, config: ObjectiveConfig):
       jax.random.uniform(k_hist, (num_rows, num_slots)), seg)
 
   windows = jnp.asarray(config.windows, jnp.float32)
-  window = windows[jnp.clip(batch["stage"], 0, windows.shape[0] - 1)]  # [B, L, 2]
+  window = windows[jnp.clip(batch.stage, 0, windows.shape[0] - 1)]  # [B, L, 2]
   s, e = window[..., 0:1], window[..., 1:2]
   # Endpoints: Pyramidal Flow Eqs. (9)-(10), TPDiff Eqs. (7)-(8).
   x_start, x_end = paths.stage_endpoints(clean_end, clean_start, noise, s, e, schedule)
@@ -117,7 +114,7 @@ def corrupt_packed_batch(key, batch, config: ObjectiveConfig):
 
   # Caption dropout: a dropped segment keeps only BOS, the null caption used for guidance.
   dropped = jax.random.bernoulli(k_drop, config.caption_dropout, (num_rows, num_slots))
-  keep = ~_per_segment(dropped, text_seg) | (batch["text_tokens"] == BOS_TOKEN)
+  keep = ~_per_segment(dropped, text_seg) | (batch.text_tokens == BOS_TOKEN)
   text_seg_in = jnp.where(keep, text_seg, 0)
 
   # Each packed sample weighs the same: 1 / (its supervised tokens * samples in the batch).
@@ -125,19 +122,21 @@ def corrupt_packed_batch(key, batch, config: ObjectiveConfig):
   num_samples = jnp.maximum(jnp.sum(counts[:, 1:] > 0), 1)
   weight = is_target / jnp.maximum(_per_segment(counts, seg), 1.0) / num_samples
 
-  frame_index = batch["frame_index"].astype(jnp.int32)
-  temporal_positions = batch.get("temporal_positions", frame_index).astype(jnp.float32)
-  inputs = dict(
-      video_tokens=video_tokens, video_t=video_t, video_segment_ids=seg,
-      frame_index=frame_index, positions=batch["positions"].astype(jnp.float32),
-      temporal_positions=temporal_positions,
-      text_tokens=batch["text_tokens"].astype(jnp.int32), text_segment_ids=text_seg_in,
-      text_t=text_t)
-  block_offset = batch.get("temporal_block_offset")
+  frame_index = batch.frame_index.astype(jnp.int32)
+  temporal_positions = (frame_index if batch.temporal_positions is None
+                        else batch.temporal_positions).astype(jnp.float32)
+  inputs = (
+      batch_lib.VideoTokens(
+          tokens=video_tokens, t=video_t, segment_ids=seg, frame_index=frame_index,
+          positions=batch.positions.astype(jnp.float32),
+          temporal_positions=temporal_positions),
+      batch_lib.TextTokens(segment_ids=text_seg_in, t=text_t,
+                           tokens=batch.text_tokens.astype(jnp.int32)))
+  block_offset = batch.temporal_block_offset
   if block_offset is None:
     block_offset = jnp.zeros_like(seg)
   path = dict(t_local=t_local[..., None], s=s, e=e,
-              coarsest=(batch["stage"] == windows.shape[0] - 1)[..., None],
+              coarsest=(batch.stage == windows.shape[0] - 1)[..., None],
               temporal_block_offset=block_offset.astype(jnp.int32))
   return inputs, target, weight, path
 
@@ -171,8 +170,10 @@ def start_mean_tokens(clean_tokens, path, config: ObjectiveConfig):
   return jnp.where(path["coarsest"], 0.0, mean)
 
 
-def to_target(output, inputs, path, config: ObjectiveConfig):
+def to_target(output, video: batch_lib.VideoTokens, path, config: ObjectiveConfig):
   """The network's output as the stage target (velocity or eps_k) on supervised tokens.
+
+  ``video`` is the model's video input (its tokens are x_t).
 
   For ``prediction="clean"`` the output is D̂, the clean tokens at the stage's size, and the
   target follows from ``pfm.pyramid.paths.target_from_clean``; otherwise it is the target itself.
@@ -181,7 +182,7 @@ def to_target(output, inputs, path, config: ObjectiveConfig):
     return output
   output = output.astype(jnp.float32)
   return paths.target_from_clean(
-      inputs["video_tokens"], output, start_mean_tokens(output, path, config),
+      video.tokens, output, start_mean_tokens(output, path, config),
       path["t_local"], path["s"], path["e"], config.schedule, config.min_noise)
 
 

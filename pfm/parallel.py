@@ -25,7 +25,7 @@ the logical constraints, and XLA's SPMD partitioner propagates them through the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 import math
 from typing import Any
 
@@ -182,25 +182,24 @@ def num_batch_shards(mesh: jax.sharding.Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict:
+def global_batch(local_batch: Any, mesh: jax.sharding.Mesh) -> Any:
   """Assembles the global batch from each process's rows (`jax.make_array_from_process_local_data`).
 
   Args:
-    local_batch: this process's rows, fields ``[B_local, ...]``; processes hold consecutive row
-      blocks in process order, ``B_local * process_count`` rows in all.
+    local_batch: this process's rows, a pytree (e.g. ``pfm.batch.PackedBatch``) of arrays
+      ``[B_local, ...]``; processes hold consecutive row blocks in process order,
+      ``B_local * process_count`` rows in all.
     mesh: the run's mesh.
 
   Returns:
-    the same fields as global `jax.Array`s ``[B_local * process_count, ...]``, rows sharded over
+    the same pytree of global `jax.Array`s ``[B_local * process_count, ...]``, rows sharded over
     `BATCH_AXES`.
   """
-  out = {}
-  for name, x in local_batch.items():
+  def assemble(x):
     x = np.asarray(x)
     global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-    out[name] = jax.make_array_from_process_local_data(
-      batch_sharding(mesh, x.ndim), x, global_shape)
-  return out
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, global_shape)
+  return jax.tree.map(assemble, local_batch)
 
 
 def shard_shapes(tree: Any, shardings: Any) -> list[tuple[str, tuple, tuple]]:

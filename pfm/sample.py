@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from pfm import batch as batch_lib
 from pfm import checkpointing
 from pfm import errors
 from pfm import spec as spec_lib
@@ -120,34 +121,28 @@ class Sampler:
     height, width = cfg.data.height, cfg.data.width
     model = nnx.merge(self._graphdef, params)
     both = lambda a: jnp.broadcast_to(a, (2, *a.shape))  # row 0 prompt, row 1 null caption
-    history = [{name: both(a) for name, a in h.items()} for h in history]
-    text = dict(text_tokens=text_tokens, text_segment_ids=text_segment_ids)
+    # The clean history of each stage (t = 1), rows as the caption rows.
+    history = [batch_lib.VideoTokens(
+        tokens=both(h["tokens"]), t=jnp.ones((2, len(h["segment_ids"]))),
+        segment_ids=both(h["segment_ids"]), frame_index=both(h["frame_index"]),
+        positions=both(h["positions"])) for h in history]
+    text = batch_lib.TextTokens(segment_ids=text_segment_ids, t=jnp.ones(text_tokens.shape),
+                                tokens=text_tokens)
     if self.caches_context:
-      contexts = [
-          model.encode_context(
-              video_tokens=h["tokens"], video_t=jnp.ones(h["segment_ids"].shape),
-              video_segment_ids=h["segment_ids"], frame_index=h["frame_index"],
-              positions=h["positions"], text_t=jnp.ones(text_tokens.shape), **text)
-          for h in history]
+      contexts = [model.encode_context(h, text) for h in history]
 
     def model_fn(x, t, k):
       hk, wk, _ = self._pyramid.stage_shape((height, width, 3), k)
       grid = tokens_lib.grid_positions((hk // p, wk // p), (hk // p, wk // p))
-      current = dict(
-          video_tokens=both(tokens_lib.patchify(x, p)), video_t=jnp.full((2, len(grid)), t),
-          video_segment_ids=jnp.ones((2, len(grid)), jnp.int32),
+      current = batch_lib.VideoTokens(
+          tokens=both(tokens_lib.patchify(x, p)), t=jnp.full((2, len(grid)), t),
+          segment_ids=jnp.ones((2, len(grid)), jnp.int32),
           frame_index=jnp.full((2, len(grid)), frame_i, jnp.int32),
           positions=both(jnp.asarray(grid)))
       if self.caches_context:
-        pred = model.decode(**current, context=contexts[k])
+        pred = model.decode(current, contexts[k])
       else:
-        h = history[k]
-        joined = {name: jnp.concatenate([current[name], h[field]], axis=1) for name, field in (
-            ("video_tokens", "tokens"), ("video_segment_ids", "segment_ids"),
-            ("frame_index", "frame_index"), ("positions", "positions"))}
-        joined["video_t"] = jnp.concatenate(
-            [current["video_t"], jnp.ones(h["segment_ids"].shape)], axis=1)
-        pred = model(**joined, text_t=jnp.full(text_tokens.shape, t), **text)
+        pred = model(current.concatenate(history[k]), text.at_time(t))
       n = len(grid)
       out_cond, out_null = pred[0, :n], pred[1, :n]
       # Guidance is linear in the output, and the output is affine in the target.
@@ -179,30 +174,29 @@ class Sampler:
     consistent = cfg.pyramid.stage_consistent_rope
     model = nnx.merge(self._graphdef, params)
     both = lambda a: jnp.broadcast_to(a, (2, *a.shape))  # row 0 prompt, row 1 null caption
-    text = dict(text_tokens=text_tokens, text_segment_ids=text_segment_ids)
+    text = batch_lib.TextTokens(segment_ids=text_segment_ids, t=jnp.ones(text_tokens.shape),
+                                tokens=text_tokens)
     if self.caches_context:  # the caption plus one padding video token
-      context = model.encode_context(
-          video_tokens=jnp.zeros((2, 1, 3 * p * p)), video_t=jnp.ones((2, 1)),
-          video_segment_ids=jnp.zeros((2, 1), jnp.int32),
-          frame_index=jnp.zeros((2, 1), jnp.int32), positions=jnp.zeros((2, 1, 2)),
-          text_t=jnp.ones(text_tokens.shape), **text)
+      context = model.encode_context(batch_lib.VideoTokens(
+          tokens=jnp.zeros((2, 1, 3 * p * p)), t=jnp.ones((2, 1)),
+          segment_ids=jnp.zeros((2, 1), jnp.int32), frame_index=jnp.zeros((2, 1), jnp.int32),
+          positions=jnp.zeros((2, 1, 2))), text)
 
     def model_fn(x, t, k):
       tk, hk, wk, _ = x.shape
       per_frame = (hk // p) * (wk // p)
       n = tk * per_frame
       grid = tokens_lib.grid_positions((hk // p, wk // p), (hk // p, wk // p))
-      current = dict(
-          video_tokens=both(tokens_lib.patchify(x, p).reshape(n, -1)),
-          video_t=jnp.full((2, n), t), video_segment_ids=jnp.ones((2, n), jnp.int32),
-          frame_index=jnp.zeros((2, n), jnp.int32),
+      current = batch_lib.VideoTokens(
+          tokens=both(tokens_lib.patchify(x, p).reshape(n, -1)), t=jnp.full((2, n), t),
+          segment_ids=jnp.ones((2, n), jnp.int32), frame_index=jnp.zeros((2, n), jnp.int32),
           positions=both(jnp.asarray(np.tile(grid, (tk, 1)))),
           temporal_positions=both(jnp.asarray(
               np.repeat(pyramid.temporal_positions(tk, k, consistent), per_frame))))
       if self.caches_context:
-        pred = model.decode(**current, context=context)
+        pred = model.decode(current, context)
       else:
-        pred = model(**current, text_t=jnp.full(text_tokens.shape, t), **text)
+        pred = model(current, text.at_time(t))
       out = pred[1] + guidance_scale * (pred[0] - pred[1])
       out = tokens_lib.unpatchify(out.reshape(tk, per_frame, -1), p, hk, wk)
       return self._to_target(x, out, t, k)

@@ -47,13 +47,13 @@ import functools
 import math
 import re
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pfm.batch import PackedBatch
 from pfm.models import masks
 from pfm.models.presets import MMDiTConfig
 
@@ -253,7 +253,7 @@ def _linear_flops_per_token(config: MMDiTConfig) -> tuple[int, int]:
   return video, text
 
 
-def step_flops(batch: Mapping[str, Any], config: MMDiTConfig) -> dict[str, float]:
+def step_flops(batch: PackedBatch, config: MMDiTConfig) -> dict[str, float]:
   """Analytic matmul FLOPs of the MM-DiT on one packed batch: forward and train step.
 
   Terms (forward, summed over the rows; each matmul of an [m, k] by a [k, n] is 2 m n k):
@@ -284,9 +284,9 @@ def step_flops(batch: Mapping[str, Any], config: MMDiTConfig) -> dict[str, float
     ``video_tokens``, ``text_tokens`` (non-padding), ``video_slots``, ``text_slots`` (B * L,
     B * Lt).
   """
-  seg = np.asarray(batch["segment_ids"])
-  frame = np.asarray(batch["frame_index"])
-  text_seg = np.asarray(batch["text_segment_ids"])
+  seg = np.asarray(batch.segment_ids)
+  frame = np.asarray(batch.frame_index)
+  text_seg = np.asarray(batch.text_segment_ids)
   rows, length = seg.shape
   text_length = text_seg.shape[1]
   d, dt = config.width, config.text_width
@@ -377,7 +377,7 @@ class ThroughputMeter:
   tokens: float = dataclasses.field(default=0.0, init=False)       # non-padding video tokens
   steps: int = dataclasses.field(default=0, init=False)
 
-  def add(self, batch: Mapping[str, Any]) -> dict[str, float]:
+  def add(self, batch: PackedBatch) -> dict[str, float]:
     """Counts one train step on `batch` (packed, NumPy); returns its `step_flops` dict."""
     counts = step_flops(batch, self.config)
     self.flops += counts["train_useful"]

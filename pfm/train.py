@@ -67,7 +67,7 @@ def microbatch_merge(x: jax.Array) -> jax.Array:
 def _loss(params, inputs, target, weight, path, *, graphdef, obj: objective.ObjectiveConfig):
   """``(loss, per-token squared error)`` of the model on a corrupted packed batch."""
   model = nnx.merge(graphdef, params)
-  prediction = objective.to_target(model(**inputs), inputs, path, obj)
+  prediction = objective.to_target(model(*inputs), inputs[0], path, obj)
   return objective.weighted_mse(prediction, target, weight)
 
 
@@ -146,7 +146,7 @@ def train_step(state, batch, *, graphdef, tx, obj: objective.ObjectiveConfig, em
   new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state, ema_params=ema,
                    rng=state["rng"])
   metrics = dict(loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
-  stage = batch["stage"]
+  stage = batch.stage
   for k in range(num_stages):
     w = weight * (stage == k)
     metrics[f"loss_stage{k}"] = jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1e-12)

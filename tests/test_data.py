@@ -60,6 +60,7 @@ def _take(iterator, n):
 def _assert_batches_equal(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
+    x, y = x.as_dict(), y.as_dict()
     assert x.keys() == y.keys()
     for key in x:
       np.testing.assert_array_equal(x[key], y[key], err_msg=key)
@@ -260,7 +261,7 @@ def test_manifest_skips_bad_records(media_dir, tmp_path):
   ds = pipeline.create_dataset(spec_lib.resolve(_config(str(path))), seed=0)
   assert pipeline.skip_counts()["unreadable"] == 1 and pipeline.skip_counts()["missing"] == 1
   assert pipeline.skip_report().usable == 2
-  assert next(iter(ds))["segment_ids"].max() > 0
+  assert next(iter(ds)).segment_ids.max() > 0
 
 
 def test_manifest_nothing_usable(media_dir, tmp_path):
@@ -305,28 +306,28 @@ def _check_batch(batch, config):
             "text_segment_ids": ((b, lt), np.int32),
             "temporal_positions": ((b, length), np.float32),
             "temporal_block_offset": ((b, length), np.int32)}
-  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == shapes
-  assert np.all(np.abs(batch["clean_end"]) <= 1)
+  assert {k: (v.shape, v.dtype) for k, v in batch.as_dict().items()} == shapes
+  assert np.all(np.abs(batch.clean_end) <= 1)
   for row in range(b):
-    seg, text_seg = batch["segment_ids"][row], batch["text_segment_ids"][row]
+    seg, text_seg = batch.segment_ids[row], batch.text_segment_ids[row]
     ids = np.unique(seg[seg > 0])
     assert len(ids) >= 1 and np.array_equal(ids, np.arange(1, len(ids) + 1))
     assert np.array_equal(np.unique(text_seg[text_seg > 0]), ids)
-    assert np.all(batch["is_target"][row][seg == 0] == 0)
-    assert np.all(batch["text_tokens"][row][text_seg == 0] == 0)
+    assert np.all(batch.is_target[row][seg == 0] == 0)
+    assert np.all(batch.text_tokens[row][text_seg == 0] == 0)
     for s in ids:
       tokens = seg == s
       assert np.all(np.diff(np.nonzero(tokens)[0]) == 1)  # Contiguous.
-      stage = batch["stage"][row][tokens]
+      stage = batch.stage[row][tokens]
       assert np.all(stage == stage[0])
-      target = batch["is_target"][row][tokens] == 1
-      frames = batch["frame_index"][row][tokens]
+      target = batch.is_target[row][tokens] == 1
+      frames = batch.frame_index[row][tokens]
       grid = data.height // 2**stage[0] // p
       assert target.sum() == grid * grid and np.all(frames[target] == frames.max())
       assert tokens.sum() == layout.tokens_per_sample(
           int(frames.max()), int(stage[0]), height=data.height, width=data.width, patch_size=p,
           num_stages=config.pyramid.num_stages)
-      caption = batch["text_tokens"][row][text_seg == s]
+      caption = batch.text_tokens[row][text_seg == s]
       assert caption[0] == text.BOS_ID and len(caption) <= data.caption_length
 
 
@@ -337,7 +338,7 @@ def test_pipeline_batches(good_manifest):
   for batch in batches:
     _check_batch(batch, config)
     assert 0 <= pipeline.padding_fraction(batch) < 1
-  stages = np.concatenate([b["stage"][b["is_target"] == 1] for b in batches])
+  stages = np.concatenate([b.stage[b.is_target == 1] for b in batches])
   assert set(stages.tolist()) == {0, 1, 2}
 
 
@@ -345,8 +346,8 @@ def test_pipeline_default_manifest():
   config = _config()
   batch = next(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=1)))
   _check_batch(batch, config)
-  captions = {text.decode_caption(batch["text_tokens"][0][batch["text_segment_ids"][0] == s])
-              for s in range(1, batch["segment_ids"][0].max() + 1)}
+  captions = {text.decode_caption(batch.text_tokens[0][batch.text_segment_ids[0] == s])
+              for s in range(1, batch.segment_ids[0].max() + 1)}
   assert captions <= {c[:95] for c in manifest.DEFAULT_CAPTIONS.values()}
 
 
@@ -367,7 +368,7 @@ def test_pipeline_determinism_and_sharding(good_manifest):
   b = _take(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=5)), 2)
   _assert_batches_equal(a, b)
   c = next(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=6)))
-  assert not np.array_equal(a[0]["clean_end"], c["clean_end"])
+  assert not np.array_equal(a[0].clean_end, c.clean_end)
   shards = [pipeline.load_records(spec_lib.resolve(config), shard_index=i, shard_count=2)[0] for i in range(2)]
   names = [[os.path.basename(manifest.record_path(r)) for r in s] for s in shards]
   assert names == [["good.mp4", "still.png"], ["good2.mp4"]]

@@ -12,6 +12,7 @@ from flax import nnx
 
 from configs import default, vanilla
 from pfm import models, objective, train, validation
+from pfm.batch import PackedBatch, TextTokens, VideoTokens
 from pfm import sample as sample_lib
 from pfm import spec as spec_lib
 from pfm import state as state_lib
@@ -89,11 +90,11 @@ def test_clean_prediction_gives_the_exact_stage_target(diffusion, name):
   cfg = objective.ObjectiveConfig(windows=pyramid.windows, patch_size=p, caption_dropout=0.0,
                                   diffusion=diffusion, spatial_jump=pyramid.jump(0)[0],
                                   min_noise=1e-6)
-  inputs, target, weight, path = objective.corrupt_packed_batch(jax.random.key(0), batch, cfg)
-  pred = objective.to_target(jnp.asarray(batch["clean_end"]), inputs, path, cfg)
+  inputs, target, weight, path = objective.corrupt_packed_batch(jax.random.key(0), PackedBatch.from_fields(batch), cfg)
+  pred = objective.to_target(jnp.asarray(batch["clean_end"]), inputs[0], path, cfg)
   np.testing.assert_allclose(pred, target, rtol=1e-3, atol=2e-3)
   assert float(jnp.sum(weight)) == pytest.approx(1.0, rel=1e-5)
-  wrong = objective.to_target(jnp.asarray(batch["clean_end"]) + 0.1, inputs, path, cfg)
+  wrong = objective.to_target(jnp.asarray(batch["clean_end"]) + 0.1, inputs[0], path, cfg)
   assert not np.allclose(wrong, target, atol=1e-2)
 
 
@@ -104,15 +105,16 @@ def test_full_sequence_attention_is_bidirectional():
   rng = np.random.default_rng(0)
   n, per_frame = 8, 2
   tokens = jnp.asarray(rng.normal(size=(1, n, 12)), jnp.float32)
-  common = dict(video_t=jnp.full((1, n), 0.5), video_segment_ids=jnp.ones((1, n), jnp.int32),
-                positions=jnp.zeros((1, n, 2)), text_tokens=jnp.array([[1, 9]]),
-                text_segment_ids=jnp.ones((1, 2), jnp.int32), text_t=jnp.ones((1, 2)),
+  common = dict(t=jnp.full((1, n), 0.5), segment_ids=jnp.ones((1, n), jnp.int32),
+                positions=jnp.zeros((1, n, 2)),
                 temporal_positions=jnp.repeat(jnp.arange(4.0), per_frame)[None])
+  text = TextTokens(segment_ids=jnp.ones((1, 2), jnp.int32), t=jnp.ones((1, 2)),
+                    tokens=jnp.array([[1, 9]]))
   changed = tokens.at[0, -1].add(1.0)  # the last frame
   for frame_index, sees_later in ((jnp.zeros((1, n), jnp.int32), True),
                                   (jnp.repeat(jnp.arange(4), per_frame)[None], False)):
-    a = model(tokens, frame_index=frame_index, **common)
-    b = model(changed, frame_index=frame_index, **common)
+    a = model(VideoTokens(tokens=tokens, frame_index=frame_index, **common), text)
+    b = model(VideoTokens(tokens=changed, frame_index=frame_index, **common), text)
     assert bool(jnp.any(jnp.abs(a[0, 0] - b[0, 0]) > 1e-6)) == sees_later
 
 
@@ -120,14 +122,15 @@ def test_temporal_positions_drive_rope():
   model = randomize(
       models.build_model(models.model_config("smoke", patch_size=2), rngs=nnx.Rngs(0)))
   n = 4
-  args = dict(video_tokens=jnp.ones((1, n, 12)), video_t=jnp.full((1, n), 0.5),
-              video_segment_ids=jnp.ones((1, n), jnp.int32),
-              frame_index=jnp.zeros((1, n), jnp.int32), positions=jnp.zeros((1, n, 2)),
-              text_tokens=jnp.array([[1, 9]]), text_segment_ids=jnp.ones((1, 2), jnp.int32),
-              text_t=jnp.ones((1, 2)))
-  base = model(**args)
-  np.testing.assert_allclose(model(**args, temporal_positions=jnp.zeros((1, n))), base, atol=1e-6)
-  moved = model(**args, temporal_positions=jnp.array([[0.0, 1.0, 2.5, 3.5]]))
+  video = VideoTokens(tokens=jnp.ones((1, n, 12)), t=jnp.full((1, n), 0.5),
+                      segment_ids=jnp.ones((1, n), jnp.int32),
+                      frame_index=jnp.zeros((1, n), jnp.int32), positions=jnp.zeros((1, n, 2)))
+  text = TextTokens(segment_ids=jnp.ones((1, 2), jnp.int32), t=jnp.ones((1, 2)),
+                    tokens=jnp.array([[1, 9]]))
+  base = model(video, text)
+  np.testing.assert_allclose(model(video.replace(temporal_positions=jnp.zeros((1, n))), text),
+                             base, atol=1e-6)
+  moved = model(video.replace(temporal_positions=jnp.array([[0.0, 1.0, 2.5, 3.5]])), text)
   assert not np.allclose(moved, base, atol=1e-5)
 
 
@@ -175,12 +178,12 @@ def test_pipeline_full_sequence_batches_with_alignment():
   batch = next(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=0)))
   data = config.data
   p = config.model.patch_size
-  assert batch["noise"].shape == (data.batch_size, data.max_tokens, 3 * p * p)
-  assert np.all(batch["frame_index"] == 0)
+  assert batch.noise.shape == (data.batch_size, data.max_tokens, 3 * p * p)
+  assert np.all(batch.frame_index == 0)
   pyramid = spec_lib.resolve(config).pyramid
-  valid = batch["segment_ids"] > 0
+  valid = batch.segment_ids > 0
   for k in range(3):
-    positions = np.unique(batch["temporal_positions"][valid & (batch["stage"] == k)])
+    positions = np.unique(batch.temporal_positions[valid & (batch.stage == k)])
     if positions.size:
       tk = data.num_frames // pyramid.temporal_factors[k]
       np.testing.assert_allclose(positions, pyramid.temporal_positions(tk, k))
@@ -231,14 +234,14 @@ def test_alignment_runs_per_host_shard():
   noises = []
   for shard in range(2):
     batch = next(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=0, shard_index=shard, shard_count=2)))
-    noises.append(batch["noise"])
-    segments = [(b, seg) for b in range(len(batch["segment_ids"]))
-                for seg in np.unique(batch["segment_ids"][b]) if seg > 0]
+    noises.append(batch.noise)
+    segments = [(b, seg) for b in range(len(batch.segment_ids))
+                for seg in np.unique(batch.segment_ids[b]) if seg > 0]
     by_stage = {}
     for b, seg in segments:
-      mask = batch["segment_ids"][b] == seg
-      by_stage.setdefault(int(batch["stage"][b][mask][0]), []).append(
-          (batch["clean_end"][b][mask], batch["noise"][b][mask]))
+      mask = batch.segment_ids[b] == seg
+      by_stage.setdefault(int(batch.stage[b][mask][0]), []).append(
+          (batch.clean_end[b][mask], batch.noise[b][mask]))
     for members in by_stage.values():
       if len(members) > 1:
         clean = np.stack([c for c, _ in members])

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Lowest first. A module may import modules of its own layer (without a circle) or of a lower one.
 LAYERS = (
-    ("pfm.errors", "pfm.distributed"),
+    ("pfm.errors", "pfm.distributed", "pfm.batch"),
     ("pfm.pyramid",),                                  # the pure maths of both papers
     ("pfm.models",),                                   # the MM-DiT and its parts
     ("pfm.objective", "pfm.parallel", "pfm.checkpointing", "pfm.throughput"),

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from pfm import models
+from pfm.batch import TextTokens, VideoTokens
 from pfm.models import axes, kernels, masks, stacking, text
 
 # Row 0 packs two samples: segment 1 has three 2x2 frame units (frames 0, 1, 2), segment 2 has
@@ -69,6 +70,24 @@ def make_batch(seed: int = 0) -> dict[str, jax.Array]:
   )
 
 
+def video_of(b) -> VideoTokens:
+  """The `VideoTokens` of a flat test batch (``video_*``, ``frame_index``, ``positions``)."""
+  return VideoTokens(tokens=b["video_tokens"], t=b["video_t"], segment_ids=b["video_segment_ids"],
+                     frame_index=b["frame_index"], positions=b["positions"],
+                     temporal_positions=b.get("temporal_positions"))
+
+
+def text_of(b, *, tokens=True, embeddings=None) -> TextTokens:
+  """The `TextTokens` of a flat test batch (byte tokens unless ``tokens=False``)."""
+  return TextTokens(segment_ids=b["text_segment_ids"], t=b["text_t"],
+                    tokens=b["text_tokens"] if tokens else None, embeddings=embeddings)
+
+
+def inputs(b):
+  """``(video, text)`` of a flat test batch: the MM-DiT's arguments."""
+  return video_of(b), text_of(b)
+
+
 def randomize(model: nnx.Module, scale: float = 0.05, seed: int = 1) -> nnx.Module:
   """Adds noise to every parameter, so zero-initialised gates and outputs become non-zero.
 
@@ -95,13 +114,12 @@ def build(config: models.MMDiTConfig, randomized: bool = True) -> models.MMDiT:
 
 @nnx.jit
 def forward(model, batch):
-  return model(**batch)
+  return model(*inputs(batch))
 
 
 @nnx.jit
 def forward_embeddings(model, batch, embeddings):
-  batch = {k: v for k, v in batch.items() if k != "text_tokens"}
-  return model(**batch, text_embeddings=embeddings)
+  return model(video_of(batch), text_of(batch, tokens=False, embeddings=embeddings))
 
 
 @pytest.fixture(scope="module")
@@ -261,12 +279,12 @@ def test_precomputed_text_embeddings(model, batch, base_out):
   assert d[0][_where(batch, 0, 1)].min() > 1e-5
   assert d[0][_where(batch, 0, 2)].max() <= 1e-6
   with pytest.raises(ValueError):
-    model(**batch, text_embeddings=emb)  # Both tokens and embeddings.
+    model(video_of(batch), text_of(batch, embeddings=emb))  # Both tokens and embeddings.
   only_emb = nnx.eval_shape(lambda: models.build_model(
     models.model_config("smoke", text_depth=0, text_embed_dim=24), nnx.Rngs(0)))
   assert only_emb.text_encoder is None
   with pytest.raises(ValueError):
-    only_emb(**batch)  # No byte encoder for text_tokens.
+    only_emb(*inputs(batch))  # No byte encoder for text_tokens.
 
 
 def test_every_param_has_logical_names(model):
@@ -288,7 +306,7 @@ def test_logical_constraints_on_a_mesh(model, batch, base_out):
     axis_types=(jax.sharding.AxisType.Auto,) * 4)
   assert models.logical_to_mesh_axes(("activation_batch", "embed", "mlp"), rules) == (
     jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor"))
-  apply = lambda s, b: nnx.merge(*s)(**b)  # noqa: E731
+  apply = lambda s, b: nnx.merge(*s)(*inputs(b))  # noqa: E731
   assert "sharding_constraint" not in str(jax.make_jaxpr(apply)(nnx.split(model), batch))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     assert "sharding_constraint" in str(jax.make_jaxpr(apply)(nnx.split(model), batch))
@@ -339,13 +357,13 @@ def test_bfloat16_compute(model, batch, base_out):
   print(f"\nbfloat16 vs float32: rel. L2 {rel_l2:.2e}, max abs {max_err:.2e} "
         f"(output scale {np.abs(base_out).max():.2f})")
   assert rel_l2 < 2e-2 and max_err < 3e-2 * np.abs(base_out).max()
-  grads = nnx.jit(nnx.grad(lambda m, b: jnp.mean(m(**b) ** 2)))(bf16, batch)
+  grads = nnx.jit(nnx.grad(lambda m, b: jnp.mean(m(*inputs(b)) ** 2)))(bf16, batch)
   for g in jax.tree.leaves(grads):
     assert g.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(g)))
   # Where each precision is used: only the final layer's two matmuls take float32 operands;
   # softmax (exp), norm statistics (rsqrt) and RoPE / sinusoidal angles (sin, cos) are float32.
   graphdef, state = nnx.split(bf16)
-  jaxpr = jax.make_jaxpr(lambda s, b: nnx.merge(graphdef, s)(**b))(state, batch).jaxpr
+  jaxpr = jax.make_jaxpr(lambda s, b: nnx.merge(graphdef, s)(*inputs(b)))(state, batch).jaxpr
   dots = collections.Counter()
   for eqn in _eqns(jaxpr):
     if eqn.primitive.name == "dot_general":
@@ -428,7 +446,7 @@ def test_scan_layers_matches_unrolled(batch):
   @jax.jit
   def in_loop(state, batch):
     model = nnx.merge(graphdef, state)
-    return jax.lax.fori_loop(0, 1, lambda i, out: model(**batch), jnp.zeros(full.shape))
+    return jax.lax.fori_loop(0, 1, lambda i, out: model(*inputs(batch)), jnp.zeros(full.shape))
 
   mesh = jax.make_mesh(
     (1, 1, 1, 1), ("data", "fsdp", "tensor", "sequence"),
@@ -438,13 +456,13 @@ def test_scan_layers_matches_unrolled(batch):
   new = np.arange(8, 12)  # frame 2 of segment 1 in both rows
   old = np.setdiff1d(np.arange(L), new)
   context_fields = ("video_tokens", "video_t", "video_segment_ids", "frame_index", "positions")
-  context = nnx.jit(lambda m, b: m.encode_context(**b))(
+  context = nnx.jit(lambda m, b: m.encode_context(*inputs(b)))(
     scanned, {k: (v[:, old] if k in context_fields else v) for k, v in batch.items()})
   keys, values = context.stacked_kv
   heads = (DEEP.num_heads, DEEP.head_dim)
   assert keys.shape == values.shape == (DEEP.depth - 1, 2, LT + len(old), *heads)
   assert len(context.kv) == 1
-  decoded = nnx.jit(lambda m, b, c: m.decode(**b, context=c))(
+  decoded = nnx.jit(lambda m, b, c: m.decode(video_of(b), c))(
     scanned, {k: batch[k][:, new] for k in context_fields}, context)
   np.testing.assert_allclose(decoded, full[:, new], atol=1e-5)
 
@@ -452,7 +470,7 @@ def test_scan_layers_matches_unrolled(batch):
 def _lowered_size(config: models.MMDiTConfig, batch) -> int:
   abstract = nnx.eval_shape(lambda: models.build_model(config, nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  apply = lambda s, b: nnx.merge(graphdef, s)(**b)
+  apply = lambda s, b: nnx.merge(graphdef, s)(*inputs(b))
   return len(jax.jit(apply).lower(state, batch).as_text())
 
 
@@ -475,7 +493,7 @@ def _remat_run(scan: bool, policy: str):
   model = _with_params(config, _deep_params())
   graphdef, state = nnx.split(model)
   batch = make_batch()
-  loss = lambda s, b: jnp.mean(nnx.merge(graphdef, s)(**b) ** 2)
+  loss = lambda s, b: jnp.mean(nnx.merge(graphdef, s)(*inputs(b)) ** 2)
   compiled = jax.jit(jax.grad(loss)).lower(state, batch).compile()
   grads = jax.tree.map(np.asarray, nnx.to_pure_dict(compiled(state, batch)))
   memory = compiled.memory_analysis()
@@ -487,7 +505,7 @@ def _remat_policies(config: models.MMDiTConfig, batch) -> list:
   """The checkpoint policies found in the jaxpr of the forward pass."""
   graphdef, state = nnx.split(
     nnx.eval_shape(lambda: models.build_model(config, nnx.Rngs(0))))
-  jaxpr = jax.make_jaxpr(lambda s, b: nnx.merge(graphdef, s)(**b))(state, batch).jaxpr
+  jaxpr = jax.make_jaxpr(lambda s, b: nnx.merge(graphdef, s)(*inputs(b)))(state, batch).jaxpr
   return [e.params["policy"] for e in _eqns(jaxpr) if "policy" in e.params]
 
 
@@ -555,9 +573,9 @@ def test_cached_context_decode_equals_full_forward(batch, text_time_conditioning
   new = np.arange(8, 12)  # frame 2 of segment 1 in both rows
   old = np.setdiff1d(np.arange(L), new)
   context_fields = ("video_tokens", "video_t", "video_segment_ids", "frame_index", "positions")
-  context = nnx.jit(lambda m, b: m.encode_context(**b))(
+  context = nnx.jit(lambda m, b: m.encode_context(*inputs(b)))(
     model, {k: (v[:, old] if k in context_fields else v) for k, v in batch.items()})
-  decoded = nnx.jit(lambda m, b, c: m.decode(**b, context=c))(
+  decoded = nnx.jit(lambda m, b, c: m.decode(video_of(b), c))(
     model, {k: batch[k][:, new] for k in context_fields}, context)
   np.testing.assert_allclose(decoded, full[:, new], atol=1e-5)
   # A clean-conditioned caption makes the context independent of the sampling time.

@@ -116,6 +116,6 @@ def test_data_order_survives_a_change_of_process_count(runs):
   restored = pipeline.ProcessBatches(spec_lib.resolve(config), seed=config.seed)
   _restore(run_a, 2, config, data=restored)
   batch = next(restored)
-  assert batch["clean_end"].shape[0] == 4
-  for name in expected:
-    np.testing.assert_array_equal(batch[name], expected[name])
+  assert batch.clean_end.shape[0] == 4
+  for name, value in expected.as_dict().items():
+    np.testing.assert_array_equal(getattr(batch, name), value)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pfm import objective
+from pfm.batch import PackedBatch
 from pfm.pyramid import schedules
 from pfm.pyramid import windows as windows_lib
 
@@ -35,8 +36,9 @@ def packed_batch(rng):
 def test_current_unit_follows_the_coupled_path():
   batch = packed_batch(np.random.default_rng(0))
   cfg = objective.ObjectiveConfig(windows=WINDOWS, caption_dropout=0.0)
-  inputs, target, weight, _ = objective.corrupt_packed_batch(jax.random.key(0), batch, cfg)
-  x_t, t = np.asarray(inputs["video_tokens"]), np.asarray(inputs["video_t"])
+  inputs, target, weight, _ = objective.corrupt_packed_batch(jax.random.key(0), PackedBatch.from_fields(batch), cfg)
+  video, text = inputs
+  x_t, t = np.asarray(video.tokens), np.asarray(video.t)
   w = np.asarray(WINDOWS)
   for b, l in zip(*np.nonzero(batch["is_target"])):
     s, e = w[batch["stage"][b, l]]
@@ -50,8 +52,8 @@ def test_current_unit_follows_the_coupled_path():
   # One t per packed sample.
   assert len(set(np.round(t[0, 3:5], 6))) == 1 and len(set(np.round(t[0, 5:9], 6))) == 1
   # Text is modulated by its segment's time.
-  np.testing.assert_allclose(inputs["text_t"][0, :3], t[0, 3])
-  np.testing.assert_allclose(inputs["text_t"][0, 3:5], t[0, 5])
+  np.testing.assert_allclose(text.t[0, :3], t[0, 3])
+  np.testing.assert_allclose(text.t[0, 3:5], t[0, 5])
   # History: t in [2/3, 1]; padding is zero.
   hist = (batch["is_target"] == 0) & (batch["segment_ids"] > 0)
   assert np.all(t[hist] >= 2 / 3 - 1e-6) and np.all(t[hist] <= 1)
@@ -67,9 +69,10 @@ def test_noise_statistics_over_many_draws():
   """Across keys, x̂_t of a target token has mean t' e D + (1 - t') s U and std 1 - t."""
   batch = packed_batch(np.random.default_rng(1))
   cfg = objective.ObjectiveConfig(windows=WINDOWS, caption_dropout=0.0)
-  draw = jax.jit(jax.vmap(lambda k: objective.corrupt_packed_batch(k, batch, cfg)[0]))
+  draw = jax.jit(jax.vmap(lambda k: objective.corrupt_packed_batch(k, PackedBatch.from_fields(batch), cfg)[0]))
   inputs = draw(jax.random.split(jax.random.key(1), 20_000))
-  x, t = np.asarray(inputs["video_tokens"][:, 0, 5]), np.asarray(inputs["video_t"][:, 0, 5])
+  video = inputs[0]
+  x, t = np.asarray(video.tokens[:, 0, 5]), np.asarray(video.t[:, 0, 5])
   s, e = WINDOWS[0]
   t_local = (t - s) / (e - s)
   mean = (t_local * e)[:, None] * batch["clean_end"][0, 5] + (
@@ -82,8 +85,8 @@ def test_noise_statistics_over_many_draws():
 def test_caption_dropout_keeps_bos_and_drops_at_the_configured_rate():
   batch = packed_batch(np.random.default_rng(2))
   cfg = objective.ObjectiveConfig(windows=WINDOWS, caption_dropout=0.3)
-  draw = jax.jit(jax.vmap(lambda k: objective.corrupt_packed_batch(k, batch, cfg)[0]))
-  seg = np.asarray(draw(jax.random.split(jax.random.key(2), 4000))["text_segment_ids"])
+  draw = jax.jit(jax.vmap(lambda k: objective.corrupt_packed_batch(k, PackedBatch.from_fields(batch), cfg)[0]))
+  seg = np.asarray(draw(jax.random.split(jax.random.key(2), 4000))[1].segment_ids)
   assert np.all(seg[:, 0, 0] == 1) and np.all(seg[:, 0, 3] == 2)  # BOS always kept
   dropped = seg[:, 0, 1] == 0
   assert dropped.mean() == pytest.approx(0.3, abs=0.03)

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from jax.extend import core as jax_core
 
+from pfm.batch import PackedBatch, TextTokens, VideoTokens
 from pfm import models, throughput
 from pfm.models import masks
 
@@ -20,7 +21,7 @@ CONFIG = models.model_config(
 
 
 def random_packed_batch(rng: np.random.Generator, rows: int, length: int, text_length: int,
-                        *, max_segments: int = 3, max_frames: int = 4) -> dict[str, np.ndarray]:
+                        *, max_segments: int = 3, max_frames: int = 4) -> PackedBatch:
   """Metadata of a packed batch: contiguous segments 1..S then padding, frames non-decreasing
   within a segment (several tokens per frame unit), captions packed the same way."""
   seg = np.zeros((rows, length), np.int32)
@@ -37,21 +38,32 @@ def random_packed_batch(rng: np.random.Generator, rows: int, length: int, text_l
         rng.integers(0, max_frames, video_ends[s] - video_start))
       text_seg[r, text_start:text_ends[s]] = s + 1
       video_start, text_start = video_ends[s], text_ends[s]
-  return {"segment_ids": seg, "frame_index": frame, "text_segment_ids": text_seg}
+  return packed(segment_ids=seg, frame_index=frame, text_segment_ids=text_seg)
 
 
-def model_inputs(batch: dict[str, np.ndarray], config) -> dict[str, jax.Array]:
-  rows, length = batch["segment_ids"].shape
-  text_length = batch["text_segment_ids"].shape[1]
-  return {
-    "video_tokens": jnp.zeros((rows, length, config.patch_dim)),
-    "video_t": jnp.zeros((rows, length)),
-    "video_segment_ids": jnp.asarray(batch["segment_ids"]),
-    "frame_index": jnp.asarray(batch["frame_index"]),
-    "positions": jnp.zeros((rows, length, 2)),
-    "text_tokens": jnp.ones((rows, text_length), jnp.int32),
-    "text_segment_ids": jnp.asarray(batch["text_segment_ids"]),
-    "text_t": jnp.zeros((rows, text_length))}
+def packed(*, segment_ids, frame_index, text_segment_ids) -> PackedBatch:
+  """A `PackedBatch` with this metadata (the FLOP count reads nothing else; the rest is zero)."""
+  rows, length = segment_ids.shape
+  zeros = np.zeros((rows, length), np.int32)
+  return PackedBatch(
+    clean_end=np.zeros((rows, length, 12), np.float32), clean_start=np.zeros((rows, length, 12),
+                                                                              np.float32),
+    segment_ids=segment_ids, frame_index=frame_index, positions=np.zeros((rows, length, 2)),
+    stage=zeros, is_target=zeros, text_tokens=np.zeros_like(text_segment_ids),
+    text_segment_ids=text_segment_ids)
+
+
+def model_inputs(batch: PackedBatch, config) -> tuple[VideoTokens, TextTokens]:
+  rows, length = batch.segment_ids.shape
+  text_length = batch.text_segment_ids.shape[1]
+  return (
+    VideoTokens(tokens=jnp.zeros((rows, length, config.patch_dim)), t=jnp.zeros((rows, length)),
+                segment_ids=jnp.asarray(batch.segment_ids),
+                frame_index=jnp.asarray(batch.frame_index),
+                positions=jnp.zeros((rows, length, 2))),
+    TextTokens(segment_ids=jnp.asarray(batch.text_segment_ids),
+               t=jnp.zeros((rows, text_length)),
+               tokens=jnp.ones((rows, text_length), jnp.int32)))
 
 
 def jaxpr_dot_flops(jaxpr) -> float:
@@ -80,7 +92,7 @@ def test_dense_count_matches_the_program_and_xla():
                         model_inputs(batch, CONFIG))
 
   def forward(params, inputs):
-    return nnx.merge(graphdef, params)(**inputs)
+    return nnx.merge(graphdef, params)(*inputs)
 
   counts = throughput.step_flops(batch, CONFIG)
   program = jaxpr_dot_flops(jax.make_jaxpr(forward)(params, inputs).jaxpr)
@@ -98,9 +110,9 @@ def test_dense_count_matches_the_program_and_xla():
 def test_allowed_pairs_match_dense_mask():
   rng = np.random.default_rng(1)
   batch = random_packed_batch(rng, 5, 40, 24, max_segments=4, max_frames=5)
-  seg = np.concatenate([batch["text_segment_ids"], batch["segment_ids"]], axis=1)
+  seg = np.concatenate([batch.text_segment_ids, batch.segment_ids], axis=1)
   frames = np.concatenate(
-    [np.full(batch["text_segment_ids"].shape, masks.TEXT_FRAME), batch["frame_index"]],
+    [np.full(batch.text_segment_ids.shape, masks.TEXT_FRAME), batch.frame_index],
     axis=1)
   mask = np.asarray(masks.make_attention_mask(seg, frames, seg, frames))  # [B, 1, L, L]
   np.testing.assert_array_equal(throughput.allowed_pairs(seg, frames), mask.sum(axis=(1, 2, 3)))
@@ -116,7 +128,7 @@ def test_allowed_pairs_match_dense_mask():
     throughput.allowed_pairs(np.zeros((2, 3)), np.zeros((2, 3))), [0, 0])
 
   # Video queries onto caption keys, and the attention term assembled from the pairs.
-  text_seg, video_seg = batch["text_segment_ids"], batch["segment_ids"]
+  text_seg, video_seg = batch.text_segment_ids, batch.segment_ids
   cross = np.asarray(masks.make_attention_mask(
     video_seg, np.zeros_like(video_seg), text_seg, np.zeros_like(text_seg)))
   np.testing.assert_array_equal(throughput.cross_pairs(video_seg, text_seg),
@@ -134,8 +146,8 @@ def test_linear_count_by_hand():
   """One video token and one caption token, no padding: the per-token sums written out."""
   config = models.model_config("smoke", patch_size=2, depth=2)
   d, dt, f, p = config.width, config.text_width, config.time_frequency_dim, config.patch_dim
-  batch = {"segment_ids": np.array([[1, 0]]), "frame_index": np.zeros((1, 2), np.int32),
-           "text_segment_ids": np.array([[1, 0, 0]])}
+  batch = packed(segment_ids=np.array([[1, 0]]), frame_index=np.zeros((1, 2), np.int32),
+                 text_segment_ids=np.array([[1, 0, 0]]))
   counts = throughput.step_flops(batch, config)
   time_mlp = 2 * f * d + 2 * d * d
   block = 2 * d * 6 * d + 3 * 2 * d * d + 2 * d * d + 2 * 2 * d * 4 * d  # mod, QKV, out, MLP

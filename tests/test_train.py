@@ -83,7 +83,7 @@ def test_train_step_compiles_once_for_all_stages(scan_layers, remat_policy):
   stages = set()
   for _ in range(6):
     batch = next(data)
-    stages |= set(np.unique(batch["stage"][batch["segment_ids"] > 0]).tolist())
+    stages |= set(np.unique(batch.stage[batch.segment_ids > 0]).tolist())
     state, _ = step_fn(state, batch)
   assert stages == {0, 1, 2}
   assert step_fn._cache_size() == 1

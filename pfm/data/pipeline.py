@@ -10,8 +10,9 @@ Samples are then packed first-fit into rows of ``max_tokens`` video tokens and
 ``max_text_tokens`` text tokens (``grain.experimental.FirstFitPackIterDataset``) and batched.
 No noise is drawn here; that happens on device.
 
-Packed batch (NumPy, ``B = config.data.batch_size``, ``L = max_tokens``, ``Lt = max_text_tokens``,
-``P = patch_size^2 * 3``):
+Packed batch: a ``pfm.batch.PackedBatch`` of NumPy arrays (``B = config.data.batch_size``,
+``L = max_tokens``, ``Lt = max_text_tokens``, ``P = patch_size^2 * 3``; the fields are documented
+there and summarised here):
 
   clean_end         float32 [B, L, P]   Down(x^i, 2^k) / clean history tokens, in [-1, 1]
   clean_start       float32 [B, L, P]   Up(Down(x^i, 2^(k+1))) for current-unit tokens, else 0
@@ -41,8 +42,10 @@ from typing import Any
 from absl import flags
 from absl import logging
 import grain
+import jax
 import numpy as np
 
+from pfm import batch as batch_lib
 from pfm import spec as spec_lib
 from pfm.data import alignment
 from pfm.data import layout
@@ -305,7 +308,7 @@ def create_dataset(spec: spec_lib.RunSpec, *, seed: int, shard_index: int = 0,
   if config.pyramid.align_noise:
     # Data-noise alignment (TPDiff Algorithm 1) on this host's batch.
     ds = ds.random_map(alignment.AlignNoise(), seed=seed)
-  return ds
+  return ds.map(batch_lib.PackedBatch.from_fields)
 
 
 def data_shards(spec: spec_lib.RunSpec, process_count: int) -> int:
@@ -361,7 +364,7 @@ class ProcessBatches:
     batches = [next(self._iterators[shard]) for shard in self.shards]
     if len(batches) == 1:
       return batches[0]
-    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+    return jax.tree.map(lambda *rows: np.concatenate(rows), *batches)
 
   def shard_states(self) -> dict[int, Any]:
     """``{shard index: grain iterator state}`` of this process's shards (JSON-serialisable)."""
@@ -390,6 +393,6 @@ def skip_report() -> manifest_lib.SkipReport | None:
   return _last_report
 
 
-def padding_fraction(batch: dict[str, Any]) -> float:
+def padding_fraction(batch: batch_lib.PackedBatch) -> float:
   """Fraction of the video token slots of a batch that are padding (``segment_ids == 0``)."""
-  return float(np.mean(np.asarray(batch["segment_ids"]) == 0))
+  return float(np.mean(np.asarray(batch.segment_ids) == 0))

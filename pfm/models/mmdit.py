@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from pfm.batch import TextTokens, VideoTokens
 from pfm.models.axes import ACT_EMBED
 from pfm.models.blocks import FinalLayer, JointBlock
 from pfm.models.embeddings import (
@@ -147,89 +148,42 @@ class MMDiT(nnx.Module):
       raise ValueError("text_tokens given but the model has no byte encoder (text_depth=0).")
     return self.text_encoder(text_tokens, text_segment_ids)
 
-  def __call__(
-    self,
-    video_tokens: jax.Array,
-    video_t: jax.Array,
-    video_segment_ids: jax.Array,
-    frame_index: jax.Array,
-    positions: jax.Array,
-    text_tokens: jax.Array | None = None,
-    text_segment_ids: jax.Array | None = None,
-    text_t: jax.Array | None = None,
-    *,
-    text_embeddings: jax.Array | None = None,
-    temporal_positions: jax.Array | None = None,
-  ) -> jax.Array:
-    """Predicts the velocity of every video token of a packed batch.
+  def __call__(self, video: VideoTokens, text: TextTokens) -> jax.Array:
+    """Predicts the output of every video token of a packed batch.
 
     Args:
-      video_tokens: float [B, L, P] patchified noisy video tokens, P = config.patch_dim.
-      video_t: float32 [B, L] each token's noise level in [0, 1] (0 = noise, 1 = data).
-      video_segment_ids: int32 [B, L] packed sample id 1..S, 0 = padding.
-      frame_index: int32 [B, L] the token's frame unit (0 = first): the blockwise causal mask
-        lets a token see its own and earlier units. A whole clip generated at once
-        (full-sequence mode) is one unit: bidirectional attention over its frames.
-      positions: float32 [B, L, 2] (row, col) in patch units, fractional allowed.
-      text_tokens: int32 [B, Lt] caption bytes + 2, 1 = BOS, 0 = padding.
-      text_segment_ids: int32 [B, Lt] segment of each text token, 0 = padding. Required.
-      text_t: float32 [B, Lt] noise level of the segment's current unit. Required.
-      text_embeddings: float [B, Lt, config.text_embed_dim] precomputed caption embeddings,
-        instead of text_tokens.
-      temporal_positions: float32 [B, L] temporal RoPE position of each token in full-rate
-        frames (TPDiff Eq. 14, stage-consistent); default ``frame_index``.
+      video: the video tokens (``pfm.batch.VideoTokens``: tokens [B, L, P] with
+        P = config.patch_dim, noise levels, segment ids, frame units, positions).
+      text: the captions (``pfm.batch.TextTokens``: byte tokens, or embeddings [B, Lt,
+        config.text_embed_dim], with segment ids and noise levels).
 
     Returns:
-      float32 [B, L, P] velocity prediction; exactly zero at padding tokens.
+      float32 [B, L, P]: the clean tokens or the stage target (``config.model.prediction``);
+      exactly zero at padding tokens.
 
     Raises:
-      ValueError: if text_segment_ids or text_t is missing, or on a text input mismatch.
+      ValueError: unless exactly one of ``text.tokens`` / ``text.embeddings`` is given and the
+        model has the matching input.
     """
-    _, x_video, c_video = self._forward(
-      video_tokens, video_t, video_segment_ids, frame_index, positions, text_tokens,
-      text_segment_ids, text_t, text_embeddings, temporal_positions, collect_kv=False)
-    return self._output(x_video, c_video, video_segment_ids)
+    _, x_video, c_video = self._forward(video, text, collect_kv=False)
+    return self._output(x_video, c_video, video.segment_ids)
 
-  def encode_context(
-    self,
-    video_tokens: jax.Array,
-    video_t: jax.Array,
-    video_segment_ids: jax.Array,
-    frame_index: jax.Array,
-    positions: jax.Array,
-    text_tokens: jax.Array | None = None,
-    text_segment_ids: jax.Array | None = None,
-    text_t: jax.Array | None = None,
-    *,
-    text_embeddings: jax.Array | None = None,
-    temporal_positions: jax.Array | None = None,
-  ) -> ContextCache:
+  def encode_context(self, video: VideoTokens, text: TextTokens) -> ContextCache:
     """Keys/values of tokens that later frame units only read: captions and clean history.
 
     Blockwise causality makes this exact: neither captions (frame -1) nor earlier frame units
     attend to a later unit, so their activations in every block are the same with or without the
     unit being generated. With ``text_time_conditioning=False`` they also do not depend on the
     sampling time, so one context serves every Euler step of a stage. Arguments as `__call__`,
-    for the context tokens only (``video_*`` = the history, possibly empty or padded).
+    for the context tokens only (``video`` = the history, possibly empty or padded).
 
     Returns:
       a `ContextCache` for `decode`.
     """
-    context, _, _ = self._forward(
-      video_tokens, video_t, video_segment_ids, frame_index, positions, text_tokens,
-      text_segment_ids, text_t, text_embeddings, temporal_positions, collect_kv=True)
+    context, _, _ = self._forward(video, text, collect_kv=True)
     return context
 
-  def decode(
-    self,
-    video_tokens: jax.Array,
-    video_t: jax.Array,
-    video_segment_ids: jax.Array,
-    frame_index: jax.Array,
-    positions: jax.Array,
-    context: ContextCache,
-    temporal_positions: jax.Array | None = None,
-  ) -> jax.Array:
+  def decode(self, video: VideoTokens, context: ContextCache) -> jax.Array:
     """`__call__` for new video tokens that attend to a cached context and to themselves.
 
     Equals the output of `__call__` on [context; new tokens] at the new tokens, when the new
@@ -237,14 +191,12 @@ class MMDiT(nnx.Module):
     new tokens only.
     """
     config = self.config
-    x_video, c_video = self._embed_video(
-      video_tokens, video_t, video_segment_ids, positions, context.pooled_text,
-      context.text_segment_ids)
+    x_video, c_video = self._embed_video(video, context.pooled_text, context.text_segment_ids)
     mask = MaskInfo(
-      video_segment_ids, frame_index, jnp.concatenate([context.segment_ids, video_segment_ids], 1),
-      jnp.concatenate([context.frames, frame_index], 1))
-    angles = rope_angles(frame_index if temporal_positions is None else temporal_positions,
-                         config.head_dim, config.rope_theta)
+      video.segment_ids, video.frame_index,
+      jnp.concatenate([context.segment_ids, video.segment_ids], 1),
+      jnp.concatenate([context.frames, video.frame_index], 1))
+    angles = rope_angles(video.rope_positions, config.head_dim, config.rope_theta)
     if config.scan_layers:
       if self.blocks is not None:
         x_video = scan_decode(self.blocks, x_video, c_video, angles, mask, context.stacked_kv)
@@ -252,54 +204,47 @@ class MMDiT(nnx.Module):
     else:
       for block, kv in zip(self.blocks, context.kv):
         x_video = block.decode(x_video, c_video, angles, mask, kv)
-    return self._output(x_video, c_video, video_segment_ids)
+    return self._output(x_video, c_video, video.segment_ids)
 
   # -- shared pieces ---------------------------------------------------------------------------
 
-  def _embed_video(self, video_tokens, video_t, video_segment_ids, positions, pooled_text,
-                   text_segment_ids):
+  def _embed_video(self, video: VideoTokens, pooled_text, text_segment_ids):
     """Patch embedding + 2-D sinusoidal position; conditioning time + the segment's caption."""
     config = self.config
-    x_video = self.patch_embed(video_tokens.astype(self.dtype)) + spatial_position_embedding(
-      positions, config.width, config.position_max_period).astype(self.dtype)
-    c_video = self.time_embed(video_t) + segment_mean(
-      pooled_text, video_segment_ids, text_segment_ids)               # [B, L, D]
+    x_video = self.patch_embed(video.tokens.astype(self.dtype)) + spatial_position_embedding(
+      video.positions, config.width, config.position_max_period).astype(self.dtype)
+    c_video = self.time_embed(video.t) + segment_mean(
+      pooled_text, video.segment_ids, text_segment_ids)               # [B, L, D]
     return with_logical_constraint(x_video, ACT_EMBED), with_logical_constraint(c_video, ACT_EMBED)
 
-  def _forward(self, video_tokens, video_t, video_segment_ids, frame_index, positions,
-               text_tokens, text_segment_ids, text_t, text_embeddings, temporal_positions=None,
-               *, collect_kv: bool):
+  def _forward(self, video: VideoTokens, text: TextTokens, *, collect_kv: bool):
     """All blocks over [text; video] -> (ContextCache of every token, x_video, c_video).
 
     Without `collect_kv` the per-block keys/values are not kept (the cache holds none).
     """
-    if text_segment_ids is None or text_t is None:
-      raise ValueError("text_segment_ids and text_t are required.")
     config = self.config
-    text = self.encode_text(text_tokens, text_segment_ids, text_embeddings)
-    if not config.text_time_conditioning:
-      text_t = jnp.ones_like(text_t)  # a caption is clean: its own noise level is t = 1
+    text_segment_ids = text.segment_ids
+    features = self.encode_text(text.tokens, text_segment_ids, text.embeddings)
+    # A clean-conditioned caption is at its own noise level, t = 1.
+    text_t = text.t if config.text_time_conditioning else jnp.ones_like(text.t)
 
     # Per-token conditioning c = MLP(sin(t * 1000)) + MLP(pooled text of the token's segment).
     # The pooled MLP runs on text tokens; a video token then takes its segment's value.
     pooled = self.pooled_text_embed(
-      segment_mean(text, text_segment_ids, text_segment_ids))        # [B, Lt, D]
+      segment_mean(features, text_segment_ids, text_segment_ids))    # [B, Lt, D]
     c_text = with_logical_constraint(self.time_embed(text_t) + pooled, ACT_EMBED)
-    x_video, c_video = self._embed_video(
-      video_tokens, video_t, video_segment_ids, positions, pooled, text_segment_ids)
-    x_text = with_logical_constraint(self.context_embed(text), ACT_EMBED)
+    x_video, c_video = self._embed_video(video, pooled, text_segment_ids)
+    x_text = with_logical_constraint(self.context_embed(features), ACT_EMBED)
 
     # Joint sequence [text; video]: mask metadata (text at frame -1) and temporal RoPE angles
     # (text at position 0).
-    segment_ids = jnp.concatenate([text_segment_ids, video_segment_ids], axis=1)
+    segment_ids = jnp.concatenate([text_segment_ids, video.segment_ids], axis=1)
     frames = jnp.concatenate(
-      [jnp.full_like(text_segment_ids, TEXT_FRAME), frame_index], axis=1)
+      [jnp.full_like(text_segment_ids, TEXT_FRAME), video.frame_index], axis=1)
     mask = MaskInfo.self_attention(segment_ids, frames)
-    if temporal_positions is None:
-      temporal_positions = frame_index
     angles = rope_angles(
       jnp.concatenate([jnp.zeros(text_segment_ids.shape, jnp.float32),
-                       temporal_positions.astype(jnp.float32)], axis=1),
+                       video.rope_positions.astype(jnp.float32)], axis=1),
       config.head_dim, config.rope_theta)
 
     kv, stacked_kv = [], None
