@@ -33,7 +33,8 @@ setup(
         "etils[epath]>=1.5",  # workdirs on local disk or gs:// (also used by orbax)
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # pytest-xdist: the suite runs in one worker per core (up to 4), a test file per worker.
+        "test": ["pytest>=8", "pytest-xdist>=3.5,<4"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
     },
