@@ -46,11 +46,15 @@ def run(args, **kwargs):
                         **kwargs)
 
 
-def restore_all(workdir, step=None):
-  _, abstract = state_lib.abstract_state(spec_lib.resolve(smoke_config()))
+def restore_all(workdir, step=None, data=False):
+  """The train state of ``workdir``'s checkpoint (newest intact, or ``step``) and its step; with
+  ``data``, the data iterator's state is restored too."""
+  spec = spec_lib.resolve(smoke_config())
+  _, abstract = state_lib.abstract_state(spec)
+  data_iter = pipeline.ProcessBatches(spec, seed=0) if data else None
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
-    return ckpt.restore(abstract, step=step)
+    return ckpt.restore(abstract, data_iter, step=step)
   finally:
     ckpt.close()
 
@@ -113,6 +117,17 @@ def test_flipped_bytes_are_detected_and_the_run_falls_back(run_copy):
   state, step = restore_all(run_copy)  # the newest intact one
   assert step == 6 and int(state["step"]) == 6
   assert checkpointing.inspect_state(state).num_nonfinite == 0
+
+
+@pytest.mark.parametrize("item", ["state", "data"])
+def test_truncated_files_are_detected_and_the_run_falls_back(run_copy, item):
+  """The largest array file, or the data iterator's file, of checkpoint 12 cut to half."""
+  path = largest_file(os.path.join(run_copy, "checkpoints", "12", item))
+  os.truncate(path, os.path.getsize(path) // 2)
+  with pytest.raises(checkpointing.CheckpointDamagedError, match="checkpoint 12 .* is damaged"):
+    restore_all(run_copy, step=12, data=True)
+  state, step = restore_all(run_copy, data=True)
+  assert step == 6 and int(state["step"]) == 6
 
 
 def test_deleted_manifest_falls_back_in_train_and_sample(run_copy, caplog):
