@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from pfm.models import axes as logical_axes
 from pfm.models import partitioning
 
 # Outermost first; `tensor` innermost (fastest links), `data` outermost (spans hosts).
@@ -123,11 +124,11 @@ def logical_rules(config: ml_collections.ConfigDict | None = None) -> tuple:
   for rule in overrides:
     axes = rule[1] if len(rule) == 2 else None
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    if (len(rule) != 2 or rule[0] not in dict(DEFAULT_RULES)
+    if (len(rule) != 2 or rule[0] not in logical_axes.LOGICAL_AXIS_NAMES
         or any(a not in MESH_AXES for a in axes)):
       raise ValueError(
         f"config.mesh.rules entry {rule!r}: need (logical name, mesh axis | tuple | None) with a "
-        f"name of {[name for name, _ in DEFAULT_RULES]} and axes of {MESH_AXES}")
+        f"name of {list(logical_axes.LOGICAL_AXIS_NAMES)} and axes of {MESH_AXES}")
   return tuple((name, axes) for name, axes in overrides) + DEFAULT_RULES
 
 

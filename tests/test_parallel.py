@@ -17,6 +17,7 @@ import pytest
 
 from configs import default
 from pfm import parallel, validation
+from pfm.models import axes
 from pfm import spec as spec_lib
 from pfm import state as state_lib
 
@@ -93,6 +94,12 @@ def test_mesh_shape_fills_and_names_the_field():
     parallel.logical_rules(_mesh_config(rules=(("embedding", "fsdp"),)))
   with pytest.raises(ValueError, match="config.mesh.rules"):
     parallel.logical_rules(_mesh_config(rules=(("embed", "model"),)))
+
+
+def test_default_rules_cover_exactly_the_logical_axis_names():
+  """Every logical name of pfm.models.axes has a rule, and no rule names anything else."""
+  names = [name for name, _ in parallel.DEFAULT_RULES]
+  assert sorted(set(names)) == sorted(axes.LOGICAL_AXIS_NAMES) and len(names) == len(set(names))
 
 
 def test_rules_override_and_partition_specs():
