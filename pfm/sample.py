@@ -210,7 +210,7 @@ class Sampler:
     p, num_stages = cfg.model.patch_size, cfg.pyramid.num_stages
     out = []
     for k in range(num_stages):
-      h = layout.layout_history(history_frames, k, num_stages, p)
+      h = layout.layout_history(history_frames, k, self._pyramid, p)
       grid = layout.level_token_grid(cfg.data.height, cfg.data.width, k, p)
       room = length - grid[0] * grid[1]
       n = h["tokens"].shape[0]

@@ -17,6 +17,7 @@ from pfm.data import pipeline
 from pfm.data import text
 from pfm.data import video
 from pfm.pyramid import resample
+from pfm.pyramid import stages
 from pfm.pyramid import tokens as tokens_lib
 
 
@@ -151,7 +152,7 @@ def test_layout_sample():
   num_stages, p = 3, 4
   frames = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
   for i, k in [(3, 0), (3, 1), (2, 2), (0, 0), (1, 2)]:
-    sample = layout.layout_sample(frames, i, k, num_stages, p)
+    sample = layout.layout_sample(frames, i, k, stages.make_pyramid(num_stages), p)
     n = layout.tokens_per_sample(i, k, height=32, width=32, patch_size=p, num_stages=num_stages)
     assert sample["clean_end"].shape == sample["clean_start"].shape == (n, p * p * 3)
     assert sample["positions"].shape == (n, 2) and sample["positions"].dtype == np.float32
@@ -164,7 +165,8 @@ def test_layout_sample():
     np.testing.assert_array_equal(sample["clean_end"][target],
                                   tokens_lib.patchify(resample.down(frames[i], 2**k), p))
     # The start mean Up(Down(.)); zero at the coarsest stage, whose start is pure noise.
-    expected_start = (resample.start_mean(frames[i], k) if k < num_stages - 1
+    level = resample.down(frames[i], 2**k)  # D_k; its start mean is Up(Down(D_k)), Eq. (8)
+    expected_start = (resample.up(resample.down(level, 2), 2) if k < num_stages - 1
                       else np.zeros_like(resample.down(frames[i], 2**k)))
     np.testing.assert_allclose(sample["clean_start"][target], tokens_lib.patchify(expected_start, p))
     assert np.all(sample["clean_start"][~target] == 0)
@@ -179,14 +181,14 @@ def test_layout_sample():
     for j, lvl in enumerate(layout.history_levels(i, k, num_stages)):
       rows = frame_index == j
       np.testing.assert_allclose(sample["clean_end"][~target][rows],
-                                 tokens_lib.patchify(resample.level(frames[j], lvl), p), rtol=1e-6)
+                                 tokens_lib.patchify(resample.down(frames[j], 2**lvl), p), rtol=1e-6)
       size = 32 // 2**lvl // p
       np.testing.assert_allclose(sample["positions"][~target][rows],
                                  tokens_lib.grid_positions((size, size), (grid, grid)))
   # Worst case: last unit at stage 0 = 64 current + 64 (i-1, level 0) + 16 + 4.
   assert layout.max_tokens_per_sample(4, height=32, width=32, patch_size=4, num_stages=3) == 148
   with pytest.raises(ValueError):
-    layout.layout_sample(frames[:, :24, :24], 0, 0, num_stages, p)  # 24 is not divisible by 16.
+    layout.layout_sample(frames[:, :24, :24], 0, 0, stages.make_pyramid(num_stages), p)  # 24 % 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,8 +279,8 @@ def test_manifest_nothing_usable(media_dir, tmp_path):
 
 def test_mid_run_decode_error_is_skipped(media_dir):
   make_sample = pipeline.MakeSample(
-      height=32, width=32, num_frames=4, frame_stride=2, patch_size=4, num_stages=3,
-      stage_weights=(1, 2, 1), caption_length=16, num_records=2)
+      height=32, width=32, num_frames=4, frame_stride=2, patch_size=4,
+      pyramid=stages.make_pyramid(3), stage_weights=(1, 2, 1), caption_length=16, num_records=2)
   rng = np.random.default_rng(0)
   before = pipeline.skip_counts().get("decode_error", 0)
   assert make_sample.random_map({"video": str(media_dir / "corrupt.mp4"), "text": ""}, rng) is None
@@ -402,4 +404,4 @@ def test_patch_start_mean_matches_image_space_start_mean():
   x = np.random.default_rng(0).normal(size=(16, 16, 3)).astype(np.float32)
   tokens = tokens_lib.patchify(x, 4)
   np.testing.assert_allclose(tokens_lib.patch_start_mean(tokens, 4),
-                             tokens_lib.patchify(resample.start_mean(x, 0), 4), rtol=1e-6)
+                             tokens_lib.patchify(resample.up(resample.down(x, 2), 2), 4), rtol=1e-6)

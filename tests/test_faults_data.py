@@ -17,6 +17,7 @@ from pfm.data import manifest
 from pfm.data import pipeline
 from pfm.data import text
 from pfm.data import video
+from pfm.pyramid import stages
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,8 +348,8 @@ def test_load_records_warns_once_on_long_captions(tmp_path, good_mp4, monkeypatc
   assert "3 of 5 captions" in caption_warnings[0] and "15 UTF-8 bytes" in caption_warnings[0]
   # The samples carry the cut captions, whole characters only.
   make_sample = pipeline.MakeSample(
-      height=32, width=32, num_frames=2, frame_stride=1, patch_size=4, num_stages=3,
-      stage_weights=(1, 2, 1), caption_length=16, num_records=len(records))
+      height=32, width=32, num_frames=2, frame_stride=1, patch_size=4,
+      pyramid=stages.make_pyramid(3), stage_weights=(1, 2, 1), caption_length=16, num_records=len(records))
   sample = make_sample.random_map(records[1], np.random.default_rng(0))
   assert text.decode_caption(sample["text_tokens"]) == "é" * 7
   warnings.clear()

@@ -80,7 +80,7 @@ def test_block_noise_rejects_gamma_out_of_range():
 
 def _renoised_start_samples(x1, k, w, gamma, num, corrective=True):
   """Draws x̂_{e_{k+1}} by Eq. (9) at stage k + 1 and maps it to stage k by Eq. (13)."""
-  clean_coarse = resample.level(x1, k + 1)
+  clean_coarse = resample.down(x1, 2 ** (k + 1))
   end = float(w[k + 1, 1])
   start = float(w[k, 0])
 
@@ -101,7 +101,8 @@ def test_renoised_endpoint_matches_start_distribution(gamma, k):
   w = windows.stage_windows(3, None, gamma, FLOW_MATCHING)
   x1 = jax.random.uniform(jax.random.key(3), (8, 8, 1), minval=-1, maxval=1)
   samples, start = _renoised_start_samples(x1, k, w, gamma, 100_000)
-  target_mean = start * resample.start_mean(x1, k)  # Eq. (8) mean at stage k's resolution
+  # Eq. (8) mean at stage k's resolution: Up(Down(x, 2^(k+1))).
+  target_mean = start * resample.up(resample.down(x1, 2 ** (k + 1)), 2)
   samples = np.asarray(samples).reshape(samples.shape[0], -1)
   np.testing.assert_allclose(samples.mean(0), np.asarray(target_mean).reshape(-1), atol=0.02)
   centred = samples - samples.mean(0)
@@ -180,10 +181,10 @@ def test_sampler_is_bound_to_the_eq11_velocity_scale():
   assert float(jnp.abs(out - x1).max()) > 1e-1
 
 
-def test_velocity_from_clean_is_exact_for_the_true_clean_endpoint():
+def test_target_from_clean_is_exact_for_the_true_clean_endpoint():
   key = jax.random.key(5)
   x1 = jax.random.uniform(key, (8, 8, 3), minval=-1, maxval=1)
-  d, u = resample.level(x1, 0), resample.start_mean(x1, 0)
+  d, u = x1, resample.up(resample.down(x1, 2), 2)
   n = jax.random.normal(jax.random.key(6), d.shape)
   s, e, t_local = 0.5, 1.0, 0.7
   x_s, x_e = paths.stage_endpoints(d, u, n, s, e, FLOW_MATCHING)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from pfm.pyramid import resample
 from pfm.pyramid import tokens as tokens_lib
 
 
@@ -72,7 +71,15 @@ def history_levels(i: int, k: int, num_stages: int) -> list[int]:
   return [min(k + (i - 1 - j), num_stages - 1) for j in range(i)]
 
 
-def layout_history(history_frames: np.ndarray, k: int, num_stages: int,
+def _check_spatial(pyramid) -> None:
+  if max(pyramid.temporal_factors) > 1 or any(
+      f != 2**k for k, f in enumerate(pyramid.spatial_factors)):
+    raise ValueError("the autoregressive layout needs a spatial pyramid halving the resolution "
+                     f"per stage, got spatial {pyramid.spatial_factors}, temporal "
+                     f"{pyramid.temporal_factors}")
+
+
+def layout_history(history_frames: np.ndarray, k: int, pyramid,
                    p: int) -> dict[str, np.ndarray]:
   """Tokens of the clean history units 0..i-1 for a current unit at stage ``k`` (Eq. 16-17).
 
@@ -80,7 +87,8 @@ def layout_history(history_frames: np.ndarray, k: int, num_stages: int,
     history_frames: float32 ``[i, H, W, C]`` full-resolution frames, oldest first, values in
       [-1, 1]; ``i`` may be 0.
     k: stage of the current unit.
-    num_stages: K.
+    pyramid: the run's spatial ``pfm.pyramid.stages.Pyramid`` (K stages, resolution halved per
+      stage); a history unit at level l is ``pyramid.level(x, l)``.
     p: patch size.
 
   Returns:
@@ -90,8 +98,11 @@ def layout_history(history_frames: np.ndarray, k: int, num_stages: int,
       ``positions``: float32 ``[n, 2]``, ``grid_positions`` on the current unit's grid.
 
   Raises:
-    ValueError: on sizes that do not tile (``check_sizes``) or a bad ``k``.
+    ValueError: on sizes that do not tile (``check_sizes``), a bad ``k``, or a pyramid with a
+      frame-rate reduction.
   """
+  _check_spatial(pyramid)
+  num_stages = pyramid.num_stages
   i, height, width, c = history_frames.shape
   check_sizes(height, width, p, num_stages)
   levels = history_levels(i, k, num_stages)
@@ -103,7 +114,7 @@ def layout_history(history_frames: np.ndarray, k: int, num_stages: int,
     stop = start + 1
     while stop < i and levels[stop] == lvl:
       stop += 1
-    run = resample.level(history_frames[start:stop].astype(np.float32), lvl)
+    run = pyramid.level(history_frames[start:stop].astype(np.float32), lvl)
     run_tokens = tokens_lib.patchify(run, p)  # [units, n_lvl, P]
     n_lvl = run_tokens.shape[1]
     tokens.append(run_tokens.reshape(-1, run_tokens.shape[-1]))
@@ -119,15 +130,15 @@ def layout_history(history_frames: np.ndarray, k: int, num_stages: int,
               positions=np.concatenate(positions))
 
 
-def layout_sample(frames: np.ndarray, i: int, k: int, num_stages: int,
+def layout_sample(frames: np.ndarray, i: int, k: int, pyramid,
                   p: int) -> dict[str, np.ndarray]:
   """Unpacked per-token arrays of one training sample: history tokens, then the current unit.
 
   Args:
     frames: float32 ``[T, H, W, C]`` clean clip in [-1, 1], T > i (frames after i are unused).
     i: index of the current unit, in [0, T - 1].
-    k: stage of the current unit, in [0, num_stages - 1].
-    num_stages: K.
+    k: stage of the current unit, in [0, K - 1].
+    pyramid: the run's spatial ``pfm.pyramid.stages.Pyramid`` (see `layout_history`).
     p: patch size.
 
   Returns:
@@ -135,7 +146,8 @@ def layout_sample(frames: np.ndarray, i: int, k: int, num_stages: int,
       ``clean_end``: float32 ``[n, P]``: for the current unit patchify(Down(x^i, 2^k)) (the
         stage's end point mean, Eq. 8); for history units their clean tokens (Eq. 16).
       ``clean_start``: float32 ``[n, P]``: for the current unit patchify(Up(Down(x^i, 2^(k+1))))
-        at level k's resolution (``resample.start_mean``); zeros for history.
+        at level k's resolution (``Pyramid.start_mean``; zero at the coarsest stage); zeros
+        for history.
       ``frame_index``: int32 ``[n]``, the unit index of each token.
       ``positions``: float32 ``[n, 2]``, (row, col) on the current unit's token grid.
       ``stage``: int32 ``[n]``, k for every token.
@@ -145,20 +157,21 @@ def layout_sample(frames: np.ndarray, i: int, k: int, num_stages: int,
     with ``P = p * p * C``. The coarsest stage's start mean is zero (``Pyramid.start_mean``).
 
   Raises:
-    ValueError: if ``i`` or ``k`` is out of range or the frame size does not tile.
+    ValueError: if ``i`` or ``k`` is out of range, the frame size does not tile, or the pyramid
+      has a frame-rate reduction.
   """
+  _check_spatial(pyramid)
+  num_stages = pyramid.num_stages
   t, height, width, _ = frames.shape
   if not 0 <= i < t or not 0 <= k < num_stages:
     raise ValueError(f"layout_sample: need 0 <= i < {t} and 0 <= k < {num_stages}, "
                      f"got i={i}, k={k}")
   check_sizes(height, width, p, num_stages)
   frames = frames.astype(np.float32)
-  history = layout_history(frames[:i], k, num_stages, p)
-  current = frames[i]
-  end = tokens_lib.patchify(resample.level(current, k), p)
-  start = tokens_lib.patchify(resample.start_mean(current, k), p)
-  if k == num_stages - 1:
-    start = np.zeros_like(start)
+  history = layout_history(frames[:i], k, pyramid, p)
+  level = pyramid.level(frames[i], k)
+  end = tokens_lib.patchify(level, p)
+  start = tokens_lib.patchify(pyramid.start_mean(level, k), p)
   n_cur, n_hist = end.shape[0], history["tokens"].shape[0]
   grid = level_token_grid(height, width, k, p)
   frame_index = np.concatenate([history["frame_index"], np.full(n_cur, i, np.int32)])

@@ -168,18 +168,19 @@ class MakeSample(grain.transforms.RandomMap):
   """
 
   def __init__(self, *, height: int, width: int, num_frames: int, frame_stride: int,
-               patch_size: int, num_stages: int, stage_weights, caption_length: int,
-               num_records: int, pyramid=None, consistent_rope: bool = True):
+               patch_size: int, pyramid, stage_weights, caption_length: int, num_records: int,
+               full_sequence: bool = False, consistent_rope: bool = True):
     self.size = (height, width)
     self.num_frames = num_frames
     self.frame_stride = frame_stride
     self.patch_size = patch_size
-    self.num_stages = num_stages
+    self.num_stages = pyramid.num_stages
     weights = np.asarray(stage_weights, np.float64)
     self.stage_probs = weights / weights.sum()
     self.caption_length = caption_length
     self.num_records = num_records
-    self.pyramid = pyramid  # a stages.Pyramid: full-sequence mode; None: autoregressive
+    self.pyramid = pyramid  # the run's stages.Pyramid
+    self.full_sequence = full_sequence  # whole clips, else a unit with its history
     self.consistent_rope = consistent_rope
     self._bad_paths: set[str] = set()
 
@@ -205,7 +206,7 @@ class MakeSample(grain.transforms.RandomMap):
     except video.VideoReadError as e:
       self._skip(path, str(e))
       return None
-    if self.pyramid is not None:
+    if self.full_sequence:
       if len(clip) < self.num_frames:  # an image: a still clip
         clip = np.repeat(clip[:1], self.num_frames, axis=0)
       k = int(rng.choice(self.num_stages, p=self.stage_probs))
@@ -214,7 +215,7 @@ class MakeSample(grain.transforms.RandomMap):
     else:
       i = int(rng.integers(0, len(clip)))
       k = int(rng.choice(self.num_stages, p=self.stage_probs))
-      sample = layout.layout_sample(video.to_float(clip[:i + 1]), i, k, self.num_stages,
+      sample = layout.layout_sample(video.to_float(clip[:i + 1]), i, k, self.pyramid,
                                     self.patch_size)
     sample["text_tokens"] = text_lib.encode_caption(element.get("text", ""), self.caption_length)
     return sample
@@ -275,9 +276,9 @@ def create_dataset(spec: spec_lib.RunSpec, *, seed: int, shard_index: int = 0,
   make_sample = MakeSample(
       height=data.height, width=data.width, num_frames=data.num_frames,
       frame_stride=data.frame_stride, patch_size=config.model.patch_size,
-      num_stages=spec.num_stages, stage_weights=tuple(config.pyramid.stage_weights),
+      pyramid=spec.pyramid, stage_weights=tuple(config.pyramid.stage_weights),
       caption_length=data.caption_length, num_records=len(records),
-      pyramid=spec.pyramid if spec.mode == "full_sequence" else None,
+      full_sequence=spec.mode == "full_sequence",
       consistent_rope=config.pyramid.stage_consistent_rope)
   ds = grain.MapDataset.source(records).seed(seed)
   if len(records) < _MIN_SHUFFLE_DOMAIN:

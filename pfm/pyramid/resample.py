@@ -55,16 +55,6 @@ def up(x, factor: int = 2):
   return x.repeat(factor, axis=-3).repeat(factor, axis=-2)
 
 
-def level(x, k: int):
-  """The clean pyramid level k of full-resolution ``x``: Down(x, 2^k) (paper Eq. 7 mean)."""
-  return down(x, 2**k)
-
-
-def start_mean(x, k: int):
-  """Up(Down(x, 2^(k+1))) at level k's resolution: the stage start mean of Eq. (8)."""
-  return up(down(x, 2 ** (k + 1)), 2)
-
-
 def down_time(x, factor: int):
   """Temporal Down: the mean of each group of ``factor`` consecutive frames.
 

@@ -29,11 +29,6 @@ from pfm.pyramid import schedules as schedules_lib
 MIN_SPATIAL_GAMMA = -1.0 / 3.0  # lower bound for a 2x2 block: Sigma' stays semidefinite (Eq. 14).
 
 
-def min_gamma(block_size: int) -> float:
-  """The smallest in-block correlation for a block of ``block_size`` elements: -1 / (m - 1)."""
-  return -1.0 / (block_size - 1)
-
-
 def jump_ratio(gamma: float) -> float:
   """sqrt(-gamma / (1 - gamma)): rho(end of coarser stage) / rho(start of next stage).
 
