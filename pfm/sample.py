@@ -10,8 +10,8 @@ Two modes, as the run was trained (``config.mode``):
 * full sequence: the whole clip at once through the stages of its pyramid (spatial, frame-rate
   (TPDiff Sec. 3.6) or both), Euler for flow matching and DDIM for the variance-preserving form,
   ``RunSpec.steps_per_stage`` steps per stage (``sample.steps_per_stage``, or
-  ``sample.total_steps`` split as the partition splits the time axis). ``num_frames`` may exceed the training clip
-  (TPDiff Appendix A.6).
+  ``sample.total_steps`` split as the partition splits the time axis). ``num_frames`` may exceed
+  the training clip (TPDiff Appendix A.6).
 
 Both run the pure samplers of ``pfm.pyramid.samplers`` with the MM-DiT as ``model_fn``.
 Classifier-free guidance uses the null caption (BOS only).

@@ -67,7 +67,8 @@ def run_layout(name, batches):
   mesh = parallel.create_mesh(config, devices)
   rules = parallel.logical_rules(config)
   if name in SHARDED_INIT_LAYOUTS:
-    graphdef, state, shardings = state_lib.create_sharded_state(spec_lib.resolve(config), mesh, rules)
+    graphdef, state, shardings = state_lib.create_sharded_state(
+        spec_lib.resolve(config), mesh, rules)
   else:  # the same initial state, laid out on this mesh (cheaper than compiling the init again)
     graphdef, abstract = state_lib.abstract_state(spec_lib.resolve(config))
     shardings = parallel.named_shardings(abstract, mesh, rules)
@@ -136,7 +137,8 @@ def under_sharding_errors(batch):
     messages["replicated_rules"] = str(e)
   # 2. The right rules, but arrays that were replicated on the way (e.g. a jit without shardings).
   rules = parallel.logical_rules(_config(LAYOUTS["fsdp"]))
-  _, state, _ = state_lib.create_sharded_state(spec_lib.resolve(_config(LAYOUTS["fsdp"])), mesh, rules)
+  _, state, _ = state_lib.create_sharded_state(
+      spec_lib.resolve(_config(LAYOUTS["fsdp"])), mesh, rules)
   state = parallel.replicated(state, mesh)
   try:
     parallel.check_sharding(state, mesh, rules)

@@ -280,7 +280,8 @@ def test_manifest_nothing_usable(media_dir, tmp_path):
 def test_mid_run_decode_error_is_skipped(media_dir):
   make_sample = pipeline.MakeSample(
       height=32, width=32, num_frames=4, frame_stride=2, patch_size=4,
-      pyramid=stages.make_pyramid(3), stage_weights=(1, 2, 1), caption_length=16, num_records=2)
+      pyramid=stages.make_pyramid(3), stage_weights=(1, 2, 1), caption_length=16,
+      num_records=2)
   rng = np.random.default_rng(0)
   before = pipeline.skip_counts().get("decode_error", 0)
   assert make_sample.random_map({"video": str(media_dir / "corrupt.mp4"), "text": ""}, rng) is None
@@ -371,7 +372,8 @@ def test_pipeline_determinism_and_sharding(good_manifest):
   _assert_batches_equal(a, b)
   c = next(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=6)))
   assert not np.array_equal(a[0].clean_end, c.clean_end)
-  shards = [pipeline.load_records(spec_lib.resolve(config), shard_index=i, shard_count=2)[0] for i in range(2)]
+  spec = spec_lib.resolve(config)
+  shards = [pipeline.load_records(spec, shard_index=i, shard_count=2)[0] for i in range(2)]
   names = [[os.path.basename(manifest.record_path(r)) for r in s] for s in shards]
   assert names == [["good.mp4", "still.png"], ["good2.mp4"]]
 

@@ -349,7 +349,8 @@ def test_load_records_warns_once_on_long_captions(tmp_path, good_mp4, monkeypatc
   # The samples carry the cut captions, whole characters only.
   make_sample = pipeline.MakeSample(
       height=32, width=32, num_frames=2, frame_stride=1, patch_size=4,
-      pyramid=stages.make_pyramid(3), stage_weights=(1, 2, 1), caption_length=16, num_records=len(records))
+      pyramid=stages.make_pyramid(3), stage_weights=(1, 2, 1), caption_length=16,
+      num_records=len(records))
   sample = make_sample.random_map(records[1], np.random.default_rng(0))
   assert text.decode_caption(sample["text_tokens"]) == "é" * 7
   warnings.clear()

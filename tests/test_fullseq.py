@@ -90,7 +90,8 @@ def test_clean_prediction_gives_the_exact_stage_target(diffusion, name):
   cfg = objective.ObjectiveConfig(windows=pyramid.windows, patch_size=p, caption_dropout=0.0,
                                   diffusion=diffusion, spatial_jump=pyramid.jump(0)[0],
                                   min_noise=1e-6)
-  inputs, target, weight, path = objective.corrupt_packed_batch(jax.random.key(0), PackedBatch.from_fields(batch), cfg)
+  inputs, target, weight, path = objective.corrupt_packed_batch(
+      jax.random.key(0), PackedBatch.from_fields(batch), cfg)
   pred = objective.to_target(jnp.asarray(batch["clean_end"]), inputs[0], path, cfg)
   np.testing.assert_allclose(pred, target, rtol=1e-3, atol=2e-3)
   assert float(jnp.sum(weight)) == pytest.approx(1.0, rel=1e-5)
@@ -233,7 +234,8 @@ def test_alignment_runs_per_host_shard():
   config.data.batch_size = 4
   noises = []
   for shard in range(2):
-    batch = next(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=0, shard_index=shard, shard_count=2)))
+    batch = next(iter(pipeline.create_dataset(spec_lib.resolve(config), seed=0,
+                                              shard_index=shard, shard_count=2)))
     noises.append(batch.noise)
     segments = [(b, seg) for b in range(len(batch.segment_ids))
                 for seg in np.unique(batch.segment_ids[b]) if seg > 0]

@@ -36,7 +36,8 @@ def packed_batch(rng):
 def test_current_unit_follows_the_coupled_path():
   batch = packed_batch(np.random.default_rng(0))
   cfg = objective.ObjectiveConfig(windows=WINDOWS, caption_dropout=0.0)
-  inputs, target, weight, _ = objective.corrupt_packed_batch(jax.random.key(0), PackedBatch.from_fields(batch), cfg)
+  packed = PackedBatch.from_fields(batch)
+  inputs, target, weight, _ = objective.corrupt_packed_batch(jax.random.key(0), packed, cfg)
   video, text = inputs
   x_t, t = np.asarray(video.tokens), np.asarray(video.t)
   w = np.asarray(WINDOWS)
@@ -69,7 +70,8 @@ def test_noise_statistics_over_many_draws():
   """Across keys, x̂_t of a target token has mean t' e D + (1 - t') s U and std 1 - t."""
   batch = packed_batch(np.random.default_rng(1))
   cfg = objective.ObjectiveConfig(windows=WINDOWS, caption_dropout=0.0)
-  draw = jax.jit(jax.vmap(lambda k: objective.corrupt_packed_batch(k, PackedBatch.from_fields(batch), cfg)[0]))
+  packed = PackedBatch.from_fields(batch)
+  draw = jax.jit(jax.vmap(lambda k: objective.corrupt_packed_batch(k, packed, cfg)[0]))
   inputs = draw(jax.random.split(jax.random.key(1), 20_000))
   video = inputs[0]
   x, t = np.asarray(video.tokens[:, 0, 5]), np.asarray(video.t[:, 0, 5])
@@ -85,7 +87,8 @@ def test_noise_statistics_over_many_draws():
 def test_caption_dropout_keeps_bos_and_drops_at_the_configured_rate():
   batch = packed_batch(np.random.default_rng(2))
   cfg = objective.ObjectiveConfig(windows=WINDOWS, caption_dropout=0.3)
-  draw = jax.jit(jax.vmap(lambda k: objective.corrupt_packed_batch(k, PackedBatch.from_fields(batch), cfg)[0]))
+  packed = PackedBatch.from_fields(batch)
+  draw = jax.jit(jax.vmap(lambda k: objective.corrupt_packed_batch(k, packed, cfg)[0]))
   seg = np.asarray(draw(jax.random.split(jax.random.key(2), 4000))[1].segment_ids)
   assert np.all(seg[:, 0, 0] == 1) and np.all(seg[:, 0, 3] == 2)  # BOS always kept
   dropped = seg[:, 0, 1] == 0

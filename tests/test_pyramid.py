@@ -12,6 +12,7 @@ import pytest
 from pfm.pyramid import paths, renoise, resample, samplers, schedules, stages, windows
 
 FLOW_MATCHING = schedules.FlowMatching()
+MIN_GAMMA = windows.MIN_SPATIAL_GAMMA  # a 2x2 block's smallest in-block correlation, -1/3
 
 
 def eq25_end(s, gamma):
@@ -21,7 +22,7 @@ def eq25_end(s, gamma):
 
 
 def test_uniform_three_stage_windows():
-  w = windows.stage_windows(3, None, windows.MIN_SPATIAL_GAMMA, FLOW_MATCHING)
+  w = windows.stage_windows(3, None, MIN_GAMMA, FLOW_MATCHING)
   np.testing.assert_allclose(w, [[0.5, 1.0], [0.2, 2 / 3], [0.0, 1 / 3]], atol=1e-12)
 
 
@@ -29,15 +30,16 @@ def test_uniform_three_stage_windows():
 def test_jump_relation_matches_eq25(gamma):
   for s in [0.1, 0.2, 0.5, 0.8]:
     assert windows.jump_end(s, gamma, FLOW_MATCHING) == pytest.approx(eq25_end(s, gamma))
-    assert windows.jump_start(windows.jump_end(s, gamma, FLOW_MATCHING), gamma, FLOW_MATCHING) == pytest.approx(s)
+    end = windows.jump_end(s, gamma, FLOW_MATCHING)
+    assert windows.jump_start(end, gamma, FLOW_MATCHING) == pytest.approx(s)
   # Eq. (26) at gamma = -1/3.
-  assert windows.jump_end(0.3, windows.MIN_SPATIAL_GAMMA, FLOW_MATCHING) == pytest.approx(2 * 0.3 / 1.3)
+  assert windows.jump_end(0.3, MIN_GAMMA, FLOW_MATCHING) == pytest.approx(2 * 0.3 / 1.3)
 
 
 @pytest.mark.parametrize("bad", [[0.5], [0.6, 0.4], [0.0, 0.5], [0.5, 1.0]])
 def test_bad_boundaries_raise(bad):
   with pytest.raises(ValueError, match="boundar"):
-    windows.stage_windows(3, bad, windows.MIN_SPATIAL_GAMMA, FLOW_MATCHING)
+    windows.stage_windows(3, bad, MIN_GAMMA, FLOW_MATCHING)
 
 
 def test_down_up_levels():
@@ -67,7 +69,7 @@ def test_block_noise_covariance(gamma):
 
 
 def test_block_noise_independent_across_blocks():
-  n = np.asarray(renoise.block_noise(jax.random.key(1), (50_000, 4, 4, 1)))
+  n = np.asarray(renoise.block_noise(jax.random.key(1), (50_000, 4, 4, 1), MIN_GAMMA))
   # Pixel (0, 1) is in the first block, (0, 2) in the next: uncorrelated; (0, 0)-(0, 1): -1/3.
   assert abs(np.mean(n[:, 0, 1, 0] * n[:, 0, 2, 0])) < 0.02
   assert np.mean(n[:, 0, 0, 0] * n[:, 0, 1, 0]) == pytest.approx(-1 / 3, abs=0.02)
@@ -112,7 +114,7 @@ def test_renoised_endpoint_matches_start_distribution(gamma, k):
 
 def test_upsampling_without_corrective_noise_is_detected():
   """The same check fails for the naive jump (rescale only): blocks stay correlated."""
-  w = windows.stage_windows(3, None, windows.MIN_SPATIAL_GAMMA, FLOW_MATCHING)
+  w = windows.stage_windows(3, None, MIN_GAMMA, FLOW_MATCHING)
   x1 = jnp.zeros((8, 8, 1))
   samples, start = _renoised_start_samples(x1, 0, w, -1 / 3, 20_000, corrective=False)
   samples = np.asarray(samples).reshape(samples.shape[0], -1)
@@ -130,7 +132,8 @@ def test_coupled_path_endpoints_and_target():
   # The noise coefficient of x̂_t is 1 - t (Eq. 6 with Eqs. 9-10).
   t_local = 0.3
   t = paths.global_time(t_local, s, e)
-  x_t_noise_only = paths.interpolate(*paths.stage_endpoints(0 * d, 0 * u, n, s, e, FLOW_MATCHING), t_local)
+  x_t_noise_only = paths.interpolate(
+      *paths.stage_endpoints(0 * d, 0 * u, n, s, e, FLOW_MATCHING), t_local)
   np.testing.assert_allclose(x_t_noise_only, (1 - t) * n, rtol=1e-6, atol=1e-6)
   # The target is the derivative of the path in t'.
   h = 1e-3
@@ -166,7 +169,8 @@ def test_sampler_with_exact_velocity_returns_the_data_point(gamma, seed):
 
 
 def test_sampler_is_bound_to_the_eq11_velocity_scale():
-  """A field scaled by the window width instead of the Eq. (11) velocity must miss the data point: the test can fail."""
+  """A field scaled by the window width instead of the Eq. (11) velocity must miss the data
+  point: the test can fail."""
   pyramid = stages.make_pyramid(3)
   x1 = jax.random.uniform(jax.random.key(100), (16, 16, 3), minval=-1, maxval=1)
 

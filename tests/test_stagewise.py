@@ -561,7 +561,8 @@ def test_make_pyramid_partition_and_defaults():
   assert pyramid.gammas == pytest.approx((-1 / 3, -1 / 3))
   assert stages.make_pyramid(3, partition=(1, 1, 2)).windows[1][1] == pytest.approx(0.5)
   uniform = stages.make_pyramid(3)
-  np.testing.assert_allclose(uniform.windows, windows.stage_windows(3, None, windows.MIN_SPATIAL_GAMMA, FM),
+  np.testing.assert_allclose(uniform.windows,
+                             windows.stage_windows(3, None, windows.MIN_SPATIAL_GAMMA, FM),
                              atol=1e-12)
   one = stages.make_pyramid(1, spatial=False)
   assert one.windows == ((0.0, 1.0),) and one.gammas == ()

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 
 from pfm.pyramid import resample
 from pfm.pyramid import schedules as schedules_lib
-from pfm.pyramid.windows import MIN_SPATIAL_GAMMA
 
 
 def block_size(spatial: int = 2, temporal: int = 1) -> int:
@@ -45,7 +44,7 @@ def min_block_gamma(spatial: int = 2, temporal: int = 1) -> float:
   return -1.0 / (m - 1)
 
 
-def block_noise(key, shape, gamma: float = MIN_SPATIAL_GAMMA, spatial: int = 2, temporal: int = 1,
+def block_noise(key, shape, gamma: float, spatial: int = 2, temporal: int = 1,
                 dtype=jnp.float32):
   """Corrective noise n' ~ N(0, Sigma') with unit variance and in-block correlation ``gamma``.
 
