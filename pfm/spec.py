@@ -20,7 +20,7 @@ import numpy as np
 from pfm import errors
 from pfm import models
 from pfm import objective
-from pfm.pyramid import stages
+from pfm.pyramid import schedules, stages
 
 MODES = ("autoregressive", "full_sequence")
 
@@ -106,9 +106,9 @@ def resolve(config: ml_collections.ConfigDict | RunSpec) -> RunSpec:
   if c.mode not in MODES:
     raise errors.ConfigError(f"config.mode={c.mode!r} is not one of {MODES}")
   p = c.pyramid
-  if p.diffusion not in ("flow_matching", "ddim"):
+  if p.diffusion not in schedules.DIFFUSIONS:
     raise errors.ConfigError(f"config.pyramid.diffusion={p.diffusion!r} is not one of "
-                             "('flow_matching', 'ddim')")
+                             f"{schedules.DIFFUSIONS}")
   try:
     pyramid = stages.make_pyramid(
         p.num_stages, spatial=p.spatial, frame_rate_schedule=p.frame_rate_schedule,
@@ -160,7 +160,7 @@ def _check_finite(config: ml_collections.ConfigDict, prefix: str = "config") -> 
   """Every float of ``config`` (nested, in sequences too) is finite in float32."""
   for key, value in config.items():
     name = f"{prefix}.{key}"
-    if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    if isinstance(value, ml_collections.ConfigDict):  # FrozenConfigDict too
       _check_finite(value, name)
       continue
     for v in (value if isinstance(value, (list, tuple)) else (value,)):
@@ -170,7 +170,8 @@ def _check_finite(config: ml_collections.ConfigDict, prefix: str = "config") -> 
 
 
 def check_values(config: ml_collections.ConfigDict) -> None:
-  """Field-by-field checks that need no other field: finite float32 numbers, positive sizes.
+  """Field-by-field checks of a complete config (`complete`): finite float32 numbers, positive
+  sizes, numeric stage weights.
 
   Raises:
     pfm.errors.ConfigError: naming the field.
@@ -183,7 +184,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     value = config[section][key]
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
       raise errors.ConfigError(f"config.{field}={value!r}: need a whole number >= 1")
-  weights = config.pyramid.get("stage_weights", ())
+  weights = config.pyramid.stage_weights
   if not all(isinstance(w, (int, float, np.number)) and not isinstance(w, bool)
              for w in weights):
     raise errors.ConfigError(f"config.pyramid.stage_weights={weights!r}: need one number per "
@@ -194,7 +195,7 @@ def flatten(config) -> dict[str, object]:
   """``{"data.height": 64, ...}`` with sequences as strings: hyper-parameters for TensorBoard."""
   flat = {}
   for key, value in config.items():
-    if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    if isinstance(value, ml_collections.ConfigDict):  # FrozenConfigDict too
       flat |= {f"{key}.{k}": v for k, v in flatten(value).items()}
     else:
       flat[key] = str(tuple(value)) if isinstance(value, (list, tuple)) else value

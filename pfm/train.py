@@ -295,16 +295,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict | spec_lib.RunSpec, wor
   return state
 
 
-def write_training_samples(sampler: sample_lib.Sampler, workdir: str, step: int, writer) -> dict:
-  """Samples the first ``config.sample.num_videos`` captions of the manifest and scores them.
+def write_training_samples(sampler: sample_lib.Sampler, records: list[dict], workdir: str,
+                           step: int, writer) -> dict:
+  """Samples the captions of ``records`` (the manifest's first ``config.sample.num_videos``,
+  ``pfm.data.pipeline.load_records``) and scores them.
 
   Writes ``workdir/samples/step_N/sample_i.mp4``, frame strips and the prompt-to-video accuracy
   (``pfm.evaluate``) to TensorBoard, and ``prompt_to_video.json`` beside the videos (last, so
   its presence marks the step's samples complete).
   """
-  spec = sampler.spec
-  records, _ = pipeline.load_records(spec)
-  result, videos = evaluate.prompt_to_video(sampler, records[:spec.config.sample.num_videos])
+  result, videos = evaluate.prompt_to_video(sampler, records)
   out_dir = os.path.join(workdir, "samples", f"step_{step:07d}")
   if jax.process_index() == 0:
     for n, frames in enumerate(videos):
@@ -345,11 +345,15 @@ def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
     return config.sample.num_videos and (
         step % config.train.sample_every_steps == 0 or step == num_steps)
 
+  @functools.cache
+  def sample_records():  # read and probed once, at the first sample step
+    return pipeline.load_records(spec)[0][:config.sample.num_videos]
+
   def write_samples(step, state):
     with report.timed("sample"):
       sampler = sample_lib.Sampler(spec, run.graphdef,
                                    parallel.replicated(state["ema_params"], mesh))
-      write_training_samples(sampler, workdir, step, writer)
+      write_training_samples(sampler, sample_records(), workdir, step, writer)
 
   # A run killed after a checkpoint but before that step's samples were written (the final
   # samples above all) writes them now.

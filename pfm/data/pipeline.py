@@ -55,7 +55,6 @@ from pfm.data import video
 
 VIDEO_FIELDS = ("clean_end", "clean_start", "frame_index", "positions", "stage", "is_target",
                 "temporal_positions", "temporal_block_offset")
-BATCH_FIELDS = VIDEO_FIELDS + ("segment_ids", "text_tokens", "text_segment_ids")
 _MIN_SHUFFLE_DOMAIN = 4096
 
 # Skips in this process: the validation report of the last ``create_dataset`` call and the
