@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pyramid.partition = ""
   # In-block correlation of the corrective noise (Eq. 14); None = -1/(m - 1) for m-element
   # blocks (-1/3 for 2x2).
-  c.pyramid.gamma = config_dict.placeholder(float)
+  c.pyramid.correlation = config_dict.placeholder(float)
   c.pyramid.diffusion = "flow_matching"      # or "ddim" (variance-preserving, epsilon target)
   c.pyramid.align_noise = False              # data-noise alignment (TPDiff Algorithm 1)
   c.pyramid.stage_consistent_rope = True     # TPDiff Eq. 14 (full_sequence mode)

@@ -1,7 +1,7 @@
 """The packed token batch as types: the clean batch of the pipeline, and the MM-DiT's inputs.
 
 A packed row holds several samples (Patch n' Pack): each token carries the id of its sample
-(``segment_ids``, 0 = padding), its stage and frame unit, so one row mixes stages, history and
+(``segment_ids``, 0 = padding), its stage and causal block, so one row mixes stages, history and
 current units. The pipeline (``pfm.data.pipeline``) yields a clean `PackedBatch`; the objective
 (``pfm.objective.corrupt_packed_batch``) draws noise on device and turns it into the model's
 `VideoTokens` and `TextTokens`; the sampler builds those per Euler step; the model
@@ -30,26 +30,27 @@ class VideoTokens:
       the (possibly corrupted) clean history (Pyramidal Flow Eq. 16).
     t: float32 [B, L] each token's noise level in [0, 1] (0 = noise, 1 = data).
     segment_ids: int32 [B, L] packed sample 1..S of each token, 0 = padding.
-    frame_index: int32 [B, L] the token's frame unit (0 = first): the blockwise causal mask lets
-      a token see its own and earlier units of its sample. A clip generated at once
-      (full-sequence mode) is one unit: bidirectional attention over its frames.
+    causal_block: int32 [B, L] the token's block of the blockwise causal mask (Pyramidal Flow
+      Sec. 3.4; 0 = first): a token sees its own and earlier blocks of its sample. In
+      autoregressive mode a block is one latent frame; a clip generated at once (full-sequence
+      mode) is one block, with bidirectional attention over its frames.
     positions: float32 [B, L, 2] (row, col) on the current unit's token grid, in patch units
       (fractional for a lower-resolution history unit, Pyramidal Flow Sec. 3.4).
     temporal_positions: float32 [B, L] temporal RoPE position in full-rate frames (TPDiff
-      Eq. 14, stage-consistent), or None for ``frame_index``.
+      Eq. 14, stage-consistent), or None for ``causal_block``.
   """
 
   tokens: jax.Array
   t: jax.Array
   segment_ids: jax.Array
-  frame_index: jax.Array
+  causal_block: jax.Array
   positions: jax.Array
   temporal_positions: jax.Array | None = None
 
   @property
   def rope_positions(self) -> jax.Array:
-    """The temporal RoPE positions: ``temporal_positions``, else ``frame_index``."""
-    return self.frame_index if self.temporal_positions is None else self.temporal_positions
+    """The temporal RoPE positions: ``temporal_positions``, else ``causal_block``."""
+    return self.causal_block if self.temporal_positions is None else self.temporal_positions
 
   def concatenate(self, other: VideoTokens) -> VideoTokens:
     """``[self; other]`` along the token axis (both with or both without temporal positions).
@@ -96,14 +97,15 @@ class PackedBatch:
     clean_start: float32 [B, L, P] Up(Down(.)) of ``clean_end`` for current-unit tokens (the
       stage's start mean, Pyramidal Flow Eq. 8, TPDiff Eq. 7); 0 for history tokens.
     segment_ids: int32 [B, L] packed sample 1..S of each token, 0 = padding.
-    frame_index: int32 [B, L] the token's frame unit within its clip (all 0 for a whole clip).
+    causal_block: int32 [B, L] the token's causal block within its clip (its latent frame;
+      all 0 for a whole clip).
     positions: float32 [B, L, 2] (row, col) on the current unit's token grid.
     stage: int32 [B, L] stage k of the token's sample (0 = full size, K - 1 = coarsest).
     is_target: int32 [B, L] 1 for tokens of the unit being denoised (supervised), 0 for history.
     text_tokens: int32 [B, Lt] caption bytes + 2 (``pfm.data.text``), 0 = padding.
     text_segment_ids: int32 [B, Lt] the sample of each text token, 0 = padding.
     temporal_positions: float32 [B, L] temporal RoPE position in full-rate frames (TPDiff
-      Eq. 14), or None for ``frame_index``.
+      Eq. 14), or None for ``causal_block``.
     temporal_block_offset: int32 [B, L] offset to the first token of the token's temporal jump
       block (``pfm.data.layout.layout_clip``), or None for no temporal jump (all 0).
     noise: float32 [B, L, P] the diffusion noise aligned to the data on the host
@@ -113,7 +115,7 @@ class PackedBatch:
   clean_end: jax.Array
   clean_start: jax.Array
   segment_ids: jax.Array
-  frame_index: jax.Array
+  causal_block: jax.Array
   positions: jax.Array
   stage: jax.Array
   is_target: jax.Array

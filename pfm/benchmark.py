@@ -107,15 +107,15 @@ PYRAMIDS = {  # name -> (spatial, frame-rate schedule, partition)
 }
 
 
-def _variant(config, spatial: bool, schedule: str, partition: str,
+def _variant(config, spatial: bool, frame_rate_schedule: str, partition: str,
              total_steps: int) -> spec_lib.RunSpec:
   """``config`` as a 3-stage full-sequence pyramid (or 1 stage for ``vanilla``), validated."""
   c = config.copy_and_resolve_references()
   c.mode = "full_sequence"
   c.model.text_time_conditioning = False
-  vanilla = not spatial and not schedule
+  vanilla = not spatial and not frame_rate_schedule
   c.pyramid.num_stages = 1 if vanilla else 3
-  c.pyramid.spatial, c.pyramid.frame_rate_schedule = spatial, schedule
+  c.pyramid.spatial, c.pyramid.frame_rate_schedule = spatial, frame_rate_schedule
   c.pyramid.partition = "" if vanilla else partition
   c.pyramid.stage_weights = (1.0,) * c.pyramid.num_stages
   c.sample.total_steps = total_steps  # split over the stages as the partition splits time

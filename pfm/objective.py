@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from pfm import batch as batch_lib
-from pfm.pyramid import paths, schedules, tokens
+from pfm.pyramid import diffusions, paths, tokens
 
 BOS_TOKEN = 1  # every caption starts with it; a dropped caption keeps only it (the null caption)
 
@@ -46,8 +46,8 @@ class ObjectiveConfig:
   spatial_jump: int = 2  # spatial upsampling factor of every jump (1: no spatial pyramid)
 
   @property
-  def schedule(self) -> schedules.Schedule:
-    return schedules.get_schedule(self.diffusion)
+  def noise_schedule(self) -> diffusions.NoiseSchedule:
+    return diffusions.get(self.diffusion).noise_schedule
 
 
 def _per_segment(values, segment_ids):
@@ -85,7 +85,7 @@ def corrupt_packed_batch(key, batch: batch_lib.PackedBatch, config: ObjectiveCon
     noise = batch.noise.astype(jnp.float32)
   else:
     noise = jax.random.normal(k_noise, clean_end.shape, jnp.float32)
-  schedule = config.schedule
+  noise_schedule = config.noise_schedule
   t_local = _per_segment(
       paths.sample_local_time(k_time, (num_rows, num_slots), config.time_distribution), seg)
   hist_t = 1.0 - config.history_noise_max * _per_segment(
@@ -95,13 +95,13 @@ def corrupt_packed_batch(key, batch: batch_lib.PackedBatch, config: ObjectiveCon
   window = windows[jnp.clip(batch.stage, 0, windows.shape[0] - 1)]  # [B, L, 2]
   s, e = window[..., 0:1], window[..., 1:2]
   # Endpoints: Pyramidal Flow Eqs. (9)-(10), TPDiff Eqs. (7)-(8).
-  x_start, x_end = paths.stage_endpoints(clean_end, clean_start, noise, s, e, schedule)
+  x_start, x_end = paths.stage_endpoints(clean_end, clean_start, noise, s, e, noise_schedule)
   # x_t and target: Eqs. (6)/(11) (flow matching) or TPDiff Eqs. (10)/(11) (DDIM).
-  x_t = paths.stage_point(x_start, x_end, t_local[..., None], s, e, schedule)
-  target = paths.stage_target(x_start, x_end, s, e, schedule)
+  x_t = paths.stage_point(x_start, x_end, t_local[..., None], s, e, noise_schedule)
+  target = paths.stage_target(x_start, x_end, s, e, noise_schedule)
   t = paths.global_time(t_local, s[..., 0], e[..., 0])
-  x_hist = (schedule.signal(hist_t)[..., None] * clean_end
-            + schedule.noise(hist_t)[..., None] * noise)                        # Eq. (16)
+  x_hist = (noise_schedule.signal(hist_t)[..., None] * clean_end
+            + noise_schedule.noise(hist_t)[..., None] * noise)                        # Eq. (16)
 
   valid = (seg > 0)[..., None]
   video_tokens = jnp.where(is_target[..., None], x_t, x_hist) * valid
@@ -122,12 +122,12 @@ def corrupt_packed_batch(key, batch: batch_lib.PackedBatch, config: ObjectiveCon
   num_samples = jnp.maximum(jnp.sum(counts[:, 1:] > 0), 1)
   weight = is_target / jnp.maximum(_per_segment(counts, seg), 1.0) / num_samples
 
-  frame_index = batch.frame_index.astype(jnp.int32)
-  temporal_positions = (frame_index if batch.temporal_positions is None
+  causal_block = batch.causal_block.astype(jnp.int32)
+  temporal_positions = (causal_block if batch.temporal_positions is None
                         else batch.temporal_positions).astype(jnp.float32)
   inputs = (
       batch_lib.VideoTokens(
-          tokens=video_tokens, t=video_t, segment_ids=seg, frame_index=frame_index,
+          tokens=video_tokens, t=video_t, segment_ids=seg, causal_block=causal_block,
           positions=batch.positions.astype(jnp.float32),
           temporal_positions=temporal_positions),
       batch_lib.TextTokens(segment_ids=text_seg_in, t=text_t,
@@ -141,14 +141,14 @@ def corrupt_packed_batch(key, batch: batch_lib.PackedBatch, config: ObjectiveCon
   return inputs, target, weight, path
 
 
-def start_mean_tokens(clean_tokens, path, config: ObjectiveConfig):
+def clean_start_tokens(clean_tokens, path, config: ObjectiveConfig):
   """Up(Down(D̂)) across each token's jump, on packed tokens: the start mean a clean prediction
-  implies (Pyramidal Flow Eq. 8, TPDiff Eq. 7; ``Pyramid.start_mean`` on unpacked videos).
+  implies (Pyramidal Flow Eq. 8, TPDiff Eq. 7; ``Pyramid.clean_start`` on unpacked videos).
 
   Temporally, a token's block is the tokens at its place in the frames that one coarse frame
   duplicates into (``temporal_block_offset`` points at the first); their mean is a segment mean
   keyed by the first token's index. Spatially the 2x2 blocks lie inside each token
-  (``tokens.patch_start_mean``). The coarsest stage's start mean is zero.
+  (``tokens.patch_clean_start``). The coarsest stage's start mean is zero.
 
   Args:
     clean_tokens: float32 [B, L, P]. path: from ``corrupt_packed_batch``. config: settings.
@@ -166,7 +166,7 @@ def start_mean_tokens(clean_tokens, path, config: ObjectiveConfig):
 
   mean = jax.vmap(block_mean)(clean_tokens, block)
   if config.spatial_jump == 2:
-    mean = tokens.patch_start_mean(mean, config.patch_size)
+    mean = tokens.patch_clean_start(mean, config.patch_size)
   return jnp.where(path["coarsest"], 0.0, mean)
 
 
@@ -182,8 +182,8 @@ def to_target(output, video: batch_lib.VideoTokens, path, config: ObjectiveConfi
     return output
   output = output.astype(jnp.float32)
   return paths.target_from_clean(
-      video.tokens, output, start_mean_tokens(output, path, config),
-      path["t_local"], path["s"], path["e"], config.schedule, config.min_noise)
+      video.tokens, output, clean_start_tokens(output, path, config),
+      path["t_local"], path["s"], path["e"], config.noise_schedule, config.min_noise)
 
 
 

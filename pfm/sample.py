@@ -124,7 +124,7 @@ class Sampler:
     # The clean history of each stage (t = 1), rows as the caption rows.
     history = [batch_lib.VideoTokens(
         tokens=both(h["tokens"]), t=jnp.ones((2, len(h["segment_ids"]))),
-        segment_ids=both(h["segment_ids"]), frame_index=both(h["frame_index"]),
+        segment_ids=both(h["segment_ids"]), causal_block=both(h["causal_block"]),
         positions=both(h["positions"])) for h in history]
     text = batch_lib.TextTokens(segment_ids=text_segment_ids, t=jnp.ones(text_tokens.shape),
                                 tokens=text_tokens)
@@ -137,7 +137,7 @@ class Sampler:
       current = batch_lib.VideoTokens(
           tokens=both(tokens_lib.patchify(x, p)), t=jnp.full((2, len(grid)), t),
           segment_ids=jnp.ones((2, len(grid)), jnp.int32),
-          frame_index=jnp.full((2, len(grid)), frame_i, jnp.int32),
+          causal_block=jnp.full((2, len(grid)), frame_i, jnp.int32),
           positions=both(jnp.asarray(grid)))
       if self.caches_context:
         pred = model.decode(current, contexts[k])
@@ -156,8 +156,8 @@ class Sampler:
     if self.config.model.prediction != "clean":
       return out
     s, e = self._pyramid.windows[k]
-    return paths.target_from_clean(x, out, self._pyramid.start_mean(out, k), (t - s) / (e - s),
-                                   s, e, self._pyramid.schedule, self._min_noise)
+    return paths.target_from_clean(x, out, self._pyramid.clean_start(out, k), (t - s) / (e - s),
+                                   s, e, self._pyramid.noise_schedule, self._min_noise)
 
   # -- a whole clip at once (full-sequence mode) -------------------------------------------------
 
@@ -179,7 +179,7 @@ class Sampler:
     if self.caches_context:  # the caption plus one padding video token
       context = model.encode_context(batch_lib.VideoTokens(
           tokens=jnp.zeros((2, 1, 3 * p * p)), t=jnp.ones((2, 1)),
-          segment_ids=jnp.zeros((2, 1), jnp.int32), frame_index=jnp.zeros((2, 1), jnp.int32),
+          segment_ids=jnp.zeros((2, 1), jnp.int32), causal_block=jnp.zeros((2, 1), jnp.int32),
           positions=jnp.zeros((2, 1, 2))), text)
 
     def model_fn(x, t, k):
@@ -189,7 +189,7 @@ class Sampler:
       grid = tokens_lib.grid_positions((hk // p, wk // p), (hk // p, wk // p))
       current = batch_lib.VideoTokens(
           tokens=both(tokens_lib.patchify(x, p).reshape(n, -1)), t=jnp.full((2, n), t),
-          segment_ids=jnp.ones((2, n), jnp.int32), frame_index=jnp.zeros((2, n), jnp.int32),
+          segment_ids=jnp.ones((2, n), jnp.int32), causal_block=jnp.zeros((2, n), jnp.int32),
           positions=both(jnp.asarray(np.tile(grid, (tk, 1)))),
           temporal_positions=both(jnp.asarray(
               np.repeat(pyramid.temporal_positions(tk, k, consistent), per_frame))))
@@ -217,7 +217,7 @@ class Sampler:
       if n > room:
         raise ValueError(f"history of {len(history_frames)} units needs {n} tokens, room {room}")
       pad = lambda a: np.concatenate([a, np.zeros((room - n, *a.shape[1:]), a.dtype)])
-      out.append(dict(tokens=pad(h["tokens"]), frame_index=pad(h["frame_index"]),
+      out.append(dict(tokens=pad(h["tokens"]), causal_block=pad(h["causal_block"]),
                       positions=pad(h["positions"]),
                       segment_ids=pad(np.ones((n,), np.int32))))
     return tuple(out)

@@ -20,7 +20,7 @@ import numpy as np
 from pfm import errors
 from pfm import models
 from pfm import objective
-from pfm.pyramid import schedules, stages
+from pfm.pyramid import diffusions, stages
 
 MODES = ("autoregressive", "full_sequence")
 
@@ -34,7 +34,7 @@ OPTIONAL_FIELDS: dict[str, Any] = {
     "pyramid.spatial": True,
     "pyramid.frame_rate_schedule": "",
     "pyramid.partition": "",
-    "pyramid.gamma": None,            # None: the smallest valid correlation per jump
+    "pyramid.correlation": None,      # None: the smallest valid correlation per jump
     "pyramid.diffusion": "flow_matching",
     "pyramid.align_noise": False,
     "pyramid.stage_consistent_rope": True,
@@ -96,7 +96,7 @@ def resolve(config: ml_collections.ConfigDict | RunSpec) -> RunSpec:
     pfm.errors.ConfigError: naming the field, for a non-finite number (or one beyond float32,
       such as a learning rate of 1e39), a size that is not a whole number >= 1, stage weights
       that are not numbers, an unknown mode, diffusion or model variant, or pyramid settings
-      (spatial / frame_rate_schedule / partition / gamma) that make no valid stage windows.
+      (spatial / frame_rate_schedule / partition / correlation) that make no valid stage windows.
   """
   if isinstance(config, RunSpec):
     return config
@@ -106,18 +106,18 @@ def resolve(config: ml_collections.ConfigDict | RunSpec) -> RunSpec:
   if c.mode not in MODES:
     raise errors.ConfigError(f"config.mode={c.mode!r} is not one of {MODES}")
   p = c.pyramid
-  if p.diffusion not in schedules.DIFFUSIONS:
+  if p.diffusion not in diffusions.NAMES:
     raise errors.ConfigError(f"config.pyramid.diffusion={p.diffusion!r} is not one of "
-                             f"{schedules.DIFFUSIONS}")
+                             f"{diffusions.NAMES}")
   try:
     pyramid = stages.make_pyramid(
         p.num_stages, spatial=p.spatial, frame_rate_schedule=p.frame_rate_schedule,
-        partition=p.partition, gamma=None if p.gamma is None else float(p.gamma),
+        partition=p.partition, correlation=None if p.correlation is None else float(p.correlation),
         diffusion=p.diffusion)
   except ValueError as e:
     raise errors.ConfigError(
-        f"config.pyramid (spatial / frame_rate_schedule / partition / gamma): {e}; the windows "
-        "must cover [0, 1] with s_{K-1} = 0 and e_0 = 1") from None
+        f"config.pyramid (spatial / frame_rate_schedule / partition / correlation): {e}; the "
+        "windows must cover [0, 1] with s_{K-1} = 0 and e_0 = 1") from None
   m = c.model
   if m.variant not in models.VARIANTS:
     raise errors.ConfigError(f"config.model.variant={m.variant!r} is not one of "

@@ -272,7 +272,7 @@ def step_flops(batch: PackedBatch, config: MMDiTConfig) -> dict[str, float]:
 
   Args:
     batch: packed batch (NumPy or array-likes) with ``segment_ids`` int [B, L] (0 = padding),
-      ``frame_index`` int [B, L], ``text_segment_ids`` int [B, Lt] (0 = padding); other fields
+      ``causal_block`` int [B, L], ``text_segment_ids`` int [B, Lt] (0 = padding); other fields
       are ignored.
     config: the model's hyper-parameters.
 
@@ -285,7 +285,7 @@ def step_flops(batch: PackedBatch, config: MMDiTConfig) -> dict[str, float]:
     B * Lt).
   """
   seg = np.asarray(batch.segment_ids)
-  frame = np.asarray(batch.frame_index)
+  frame = np.asarray(batch.causal_block)
   text_seg = np.asarray(batch.text_segment_ids)
   rows, length = seg.shape
   text_length = text_seg.shape[1]
@@ -304,7 +304,7 @@ def step_flops(batch: PackedBatch, config: MMDiTConfig) -> dict[str, float]:
 
   joint_seg = np.concatenate([text_seg, seg], axis=1)
   joint_frame = np.concatenate(
-    [np.full(text_seg.shape, masks.TEXT_FRAME, np.int64), np.asarray(frame, np.int64)],
+    [np.full(text_seg.shape, masks.TEXT_CAUSAL_BLOCK, np.int64), np.asarray(frame, np.int64)],
     axis=1)
   joint = allowed_pairs(joint_seg, joint_frame).sum()
   # Joint blocks (the last drops its text-query rows) and text-encoder layers.

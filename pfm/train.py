@@ -334,7 +334,7 @@ def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
   step_fn = make_train_step(spec, run.graphdef, run.shardings)
   loss_after_update = jax.jit(functools.partial(checkpoint_loss, graphdef=run.graphdef,
                                                 obj=spec.objective))
-  schedule = state_lib.learning_rate_schedule(spec)
+  learning_rate = state_lib.learning_rate_schedule(spec)
   num_steps = config.train.num_steps
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.train.log_every_steps)
@@ -399,7 +399,7 @@ def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
             f"(loss={scalars['loss']:.4g}, grad_norm={scalars['grad_norm']:.4g}); "
             f"{_last_good(last_good, workdir)}")
       scalars.pop("finite")
-      scalars["learning_rate"] = float(schedule(step - 1))  # the rate the last update used
+      scalars["learning_rate"] = float(learning_rate(step - 1))  # the rate the last update used
       scalars["padding_fraction"] = float(np.mean(pad_fractions))
       if meter.steps:  # the metrics were fetched above: the interval's steps are done
         scalars |= meter.metrics(time.time() - t_interval)

@@ -17,6 +17,7 @@ from pfm import models
 from pfm import parallel
 from pfm import spec as spec_lib
 from pfm.data import pipeline
+from pfm.pyramid import diffusions
 
 
 def validate(config: ml_collections.ConfigDict | spec_lib.RunSpec) -> spec_lib.RunSpec:
@@ -59,7 +60,7 @@ def _check_fields(spec: spec_lib.RunSpec) -> None:
           f"(1/{coarsest} of the size) must tile into model.patch_size="
           f"{c.model.patch_size} patches with 2x2 blocks")
   prediction = c.model.prediction
-  native = "epsilon" if p.diffusion == "ddim" else "velocity"
+  native = diffusions.get(p.diffusion).native_prediction
   if prediction not in ("clean", native):
     raise ValueError(f"config.model.prediction={prediction!r}: use 'clean' or '{native}' for "
                      f"{p.diffusion}")

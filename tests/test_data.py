@@ -156,7 +156,7 @@ def test_layout_sample():
     n = layout.tokens_per_sample(i, k, height=32, width=32, patch_size=p, num_stages=num_stages)
     assert sample["clean_end"].shape == sample["clean_start"].shape == (n, p * p * 3)
     assert sample["positions"].shape == (n, 2) and sample["positions"].dtype == np.float32
-    for key in ("frame_index", "stage", "is_target"):
+    for key in ("causal_block", "stage", "is_target"):
       assert sample[key].shape == (n,) and sample[key].dtype == np.int32
     assert np.all(sample["stage"] == k)
     target = sample["is_target"] == 1
@@ -168,20 +168,22 @@ def test_layout_sample():
     level = resample.down(frames[i], 2**k)  # D_k; its start mean is Up(Down(D_k)), Eq. (8)
     expected_start = (resample.up(resample.down(level, 2), 2) if k < num_stages - 1
                       else np.zeros_like(resample.down(frames[i], 2**k)))
-    np.testing.assert_allclose(sample["clean_start"][target], tokens_lib.patchify(expected_start, p))
+    np.testing.assert_allclose(sample["clean_start"][target],
+                               tokens_lib.patchify(expected_start, p))
     assert np.all(sample["clean_start"][~target] == 0)
-    np.testing.assert_array_equal(sample["temporal_positions"], sample["frame_index"])
-    assert np.all(sample["frame_index"][target] == i)
+    np.testing.assert_array_equal(sample["temporal_positions"], sample["causal_block"])
+    assert np.all(sample["causal_block"][target] == i)
     grid = 32 // 2**k // p
     np.testing.assert_array_equal(sample["positions"][target],
                                   tokens_lib.grid_positions((grid, grid), (grid, grid)))
     # History: temporal order, each unit at its level of Eq. (16).
-    frame_index = sample["frame_index"][~target]
-    assert np.all(np.diff(frame_index) >= 0)
+    causal_block = sample["causal_block"][~target]
+    assert np.all(np.diff(causal_block) >= 0)
     for j, lvl in enumerate(layout.history_levels(i, k, num_stages)):
-      rows = frame_index == j
+      rows = causal_block == j
       np.testing.assert_allclose(sample["clean_end"][~target][rows],
-                                 tokens_lib.patchify(resample.down(frames[j], 2**lvl), p), rtol=1e-6)
+                                 tokens_lib.patchify(resample.down(frames[j], 2**lvl), p),
+                                 rtol=1e-6)
       size = 32 // 2**lvl // p
       np.testing.assert_allclose(sample["positions"][~target][rows],
                                  tokens_lib.grid_positions((size, size), (grid, grid)))
@@ -303,7 +305,7 @@ def _check_batch(batch, config):
   p = config.model.patch_size
   shapes = {"clean_end": ((b, length, p * p * 3), np.float32),
             "clean_start": ((b, length, p * p * 3), np.float32),
-            "segment_ids": ((b, length), np.int32), "frame_index": ((b, length), np.int32),
+            "segment_ids": ((b, length), np.int32), "causal_block": ((b, length), np.int32),
             "positions": ((b, length, 2), np.float32), "stage": ((b, length), np.int32),
             "is_target": ((b, length), np.int32), "text_tokens": ((b, lt), np.int32),
             "text_segment_ids": ((b, lt), np.int32),
@@ -324,7 +326,7 @@ def _check_batch(batch, config):
       stage = batch.stage[row][tokens]
       assert np.all(stage == stage[0])
       target = batch.is_target[row][tokens] == 1
-      frames = batch.frame_index[row][tokens]
+      frames = batch.causal_block[row][tokens]
       grid = data.height // 2**stage[0] // p
       assert target.sum() == grid * grid and np.all(frames[target] == frames.max())
       assert tokens.sum() == layout.tokens_per_sample(
@@ -405,5 +407,5 @@ def test_patch_start_mean_matches_image_space_start_mean():
   from pfm.pyramid import resample
   x = np.random.default_rng(0).normal(size=(16, 16, 3)).astype(np.float32)
   tokens = tokens_lib.patchify(x, 4)
-  np.testing.assert_allclose(tokens_lib.patch_start_mean(tokens, 4),
+  np.testing.assert_allclose(tokens_lib.patch_clean_start(tokens, 4),
                              tokens_lib.patchify(resample.up(resample.down(x, 2), 2), 4), rtol=1e-6)

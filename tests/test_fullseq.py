@@ -47,8 +47,8 @@ def test_layout_clip_cuts_the_stage_levels(name):
     np.testing.assert_allclose(sample["clean_end"], tokens_lib.patchify(clean, p).reshape(n, -1))
     np.testing.assert_allclose(
         sample["clean_start"],
-        tokens_lib.patchify(pyramid.start_mean(clean, k), p).reshape(n, -1), atol=1e-6)
-    assert np.all(sample["frame_index"] == 0) and np.all(sample["is_target"] == 1)
+        tokens_lib.patchify(pyramid.clean_start(clean, k), p).reshape(n, -1), atol=1e-6)
+    assert np.all(sample["causal_block"] == 0) and np.all(sample["is_target"] == 1)
     per_frame = n // tk
     np.testing.assert_allclose(sample["temporal_positions"].reshape(tk, per_frame)[:, 0],
                                pyramid.temporal_positions(tk, k))
@@ -73,7 +73,7 @@ def test_packed_start_mean_of_a_clean_prediction(name):
                                   spatial_jump=pyramid.jump(0)[0])
   path = dict(coarsest=(row["stage"] == 2)[..., None],
               temporal_block_offset=jnp.asarray(row["temporal_block_offset"]))
-  got = objective.start_mean_tokens(jnp.asarray(row["clean_end"]), path, cfg)
+  got = objective.clean_start_tokens(jnp.asarray(row["clean_end"]), path, cfg)
   np.testing.assert_allclose(got, row["clean_start"], atol=1e-6)
 
 
@@ -100,7 +100,7 @@ def test_clean_prediction_gives_the_exact_stage_target(diffusion, name):
 
 
 def test_full_sequence_attention_is_bidirectional():
-  """One unit (frame_index 0 everywhere): an early frame sees a later one; causal units do not."""
+  """One unit (causal_block 0 everywhere): an early frame sees a later one; causal units do not."""
   model = randomize(
       models.build_model(models.model_config("smoke", patch_size=2), rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(0)
@@ -112,10 +112,10 @@ def test_full_sequence_attention_is_bidirectional():
   text = TextTokens(segment_ids=jnp.ones((1, 2), jnp.int32), t=jnp.ones((1, 2)),
                     tokens=jnp.array([[1, 9]]))
   changed = tokens.at[0, -1].add(1.0)  # the last frame
-  for frame_index, sees_later in ((jnp.zeros((1, n), jnp.int32), True),
+  for causal_block, sees_later in ((jnp.zeros((1, n), jnp.int32), True),
                                   (jnp.repeat(jnp.arange(4), per_frame)[None], False)):
-    a = model(VideoTokens(tokens=tokens, frame_index=frame_index, **common), text)
-    b = model(VideoTokens(tokens=changed, frame_index=frame_index, **common), text)
+    a = model(VideoTokens(tokens=tokens, causal_block=causal_block, **common), text)
+    b = model(VideoTokens(tokens=changed, causal_block=causal_block, **common), text)
     assert bool(jnp.any(jnp.abs(a[0, 0] - b[0, 0]) > 1e-6)) == sees_later
 
 
@@ -125,7 +125,7 @@ def test_temporal_positions_drive_rope():
   n = 4
   video = VideoTokens(tokens=jnp.ones((1, n, 12)), t=jnp.full((1, n), 0.5),
                       segment_ids=jnp.ones((1, n), jnp.int32),
-                      frame_index=jnp.zeros((1, n), jnp.int32), positions=jnp.zeros((1, n, 2)))
+                      causal_block=jnp.zeros((1, n), jnp.int32), positions=jnp.zeros((1, n, 2)))
   text = TextTokens(segment_ids=jnp.ones((1, 2), jnp.int32), t=jnp.ones((1, 2)),
                     tokens=jnp.array([[1, 9]]))
   base = model(video, text)
@@ -180,7 +180,7 @@ def test_pipeline_full_sequence_batches_with_alignment():
   data = config.data
   p = config.model.patch_size
   assert batch.noise.shape == (data.batch_size, data.max_tokens, 3 * p * p)
-  assert np.all(batch.frame_index == 0)
+  assert np.all(batch.causal_block == 0)
   pyramid = spec_lib.resolve(config).pyramid
   valid = batch.segment_ids > 0
   for k in range(3):
@@ -208,7 +208,7 @@ def test_autoregressive_config_errors_name_the_field(field, value, match):
     ("data.num_frames", 6, "config.data.num_frames"),
     ("pyramid.frame_rate_schedule", "4-3", "frame_rate_schedule"),
     ("pyramid.partition", "2-1", "partition"),
-    ("pyramid.gamma", -0.5, "gamma"),
+    ("pyramid.correlation", -0.5, "correlation"),
     ("model.prediction", "velocity", "config.model.prediction"),
     ("data.max_tokens", 32, "config.data.max_tokens"),
 ])

@@ -62,7 +62,7 @@ def make_batch(seed: int = 0) -> dict[str, jax.Array]:
     video_tokens=jnp.asarray(rng.normal(size=(2, L, cfg.patch_dim)), jnp.float32),
     video_t=jnp.asarray(video_t),
     video_segment_ids=jnp.asarray([r[0] for r in rows], jnp.int32),
-    frame_index=jnp.asarray([r[1] for r in rows], jnp.int32),
+    causal_block=jnp.asarray([r[1] for r in rows], jnp.int32),
     positions=jnp.asarray([r[2] for r in rows], jnp.float32),
     text_tokens=jnp.asarray([c[0] for c in captions], jnp.int32),
     text_segment_ids=jnp.asarray([c[1] for c in captions], jnp.int32),
@@ -71,9 +71,9 @@ def make_batch(seed: int = 0) -> dict[str, jax.Array]:
 
 
 def video_of(b) -> VideoTokens:
-  """The `VideoTokens` of a flat test batch (``video_*``, ``frame_index``, ``positions``)."""
+  """The `VideoTokens` of a flat test batch (``video_*``, ``causal_block``, ``positions``)."""
   return VideoTokens(tokens=b["video_tokens"], t=b["video_t"], segment_ids=b["video_segment_ids"],
-                     frame_index=b["frame_index"], positions=b["positions"],
+                     causal_block=b["causal_block"], positions=b["positions"],
                      temporal_positions=b.get("temporal_positions"))
 
 
@@ -145,7 +145,7 @@ def _diff(a, b):
 def _where(batch, row, seg, frame=None):
   m = np.asarray(batch["video_segment_ids"][row]) == seg
   if frame is not None:
-    m &= np.asarray(batch["frame_index"][row]) == frame
+    m &= np.asarray(batch["causal_block"][row]) == frame
   return m
 
 
@@ -455,7 +455,7 @@ def test_scan_layers_matches_unrolled(batch):
     np.testing.assert_allclose(np.asarray(in_loop(state, batch)), full, atol=1e-6)
   new = np.arange(8, 12)  # frame 2 of segment 1 in both rows
   old = np.setdiff1d(np.arange(L), new)
-  context_fields = ("video_tokens", "video_t", "video_segment_ids", "frame_index", "positions")
+  context_fields = ("video_tokens", "video_t", "video_segment_ids", "causal_block", "positions")
   context = nnx.jit(lambda m, b: m.encode_context(*inputs(b)))(
     scanned, {k: (v[:, old] if k in context_fields else v) for k, v in batch.items()})
   keys, values = context.stacked_kv
@@ -572,7 +572,7 @@ def test_cached_context_decode_equals_full_forward(batch, text_time_conditioning
   full = np.asarray(forward(model, batch))
   new = np.arange(8, 12)  # frame 2 of segment 1 in both rows
   old = np.setdiff1d(np.arange(L), new)
-  context_fields = ("video_tokens", "video_t", "video_segment_ids", "frame_index", "positions")
+  context_fields = ("video_tokens", "video_t", "video_segment_ids", "causal_block", "positions")
   context = nnx.jit(lambda m, b: m.encode_context(*inputs(b)))(
     model, {k: (v[:, old] if k in context_fields else v) for k, v in batch.items()})
   decoded = nnx.jit(lambda m, b, c: m.decode(video_of(b), c))(

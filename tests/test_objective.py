@@ -8,11 +8,11 @@ import pytest
 
 from pfm import objective
 from pfm.batch import PackedBatch
-from pfm.pyramid import schedules
+from pfm.pyramid import diffusions
 from pfm.pyramid import windows as windows_lib
 
-WINDOWS = tuple(map(tuple, windows_lib.stage_windows(3, None, windows_lib.MIN_SPATIAL_GAMMA,
-                                               schedules.FlowMatching())))
+WINDOWS = tuple(map(tuple, windows_lib.stage_windows(3, None, windows_lib.MIN_SPATIAL_CORRELATION,
+                                               diffusions.FlowMatching())))
 
 
 def packed_batch(rng):
@@ -28,7 +28,7 @@ def packed_batch(rng):
   return dict(
       clean_end=rng.uniform(-1, 1, (2, length, dim)).astype(np.float32),
       clean_start=rng.uniform(-1, 1, (2, length, dim)).astype(np.float32),
-      segment_ids=seg, frame_index=np.zeros_like(seg), stage=stage, is_target=is_target,
+      segment_ids=seg, causal_block=np.zeros_like(seg), stage=stage, is_target=is_target,
       positions=np.zeros((2, length, 2), np.float32), text_tokens=text,
       text_segment_ids=text_seg)
 

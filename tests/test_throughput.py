@@ -38,17 +38,17 @@ def random_packed_batch(rng: np.random.Generator, rows: int, length: int, text_l
         rng.integers(0, max_frames, video_ends[s] - video_start))
       text_seg[r, text_start:text_ends[s]] = s + 1
       video_start, text_start = video_ends[s], text_ends[s]
-  return packed(segment_ids=seg, frame_index=frame, text_segment_ids=text_seg)
+  return packed(segment_ids=seg, causal_block=frame, text_segment_ids=text_seg)
 
 
-def packed(*, segment_ids, frame_index, text_segment_ids) -> PackedBatch:
+def packed(*, segment_ids, causal_block, text_segment_ids) -> PackedBatch:
   """A `PackedBatch` with this metadata (the FLOP count reads nothing else; the rest is zero)."""
   rows, length = segment_ids.shape
   zeros = np.zeros((rows, length), np.int32)
   return PackedBatch(
     clean_end=np.zeros((rows, length, 12), np.float32), clean_start=np.zeros((rows, length, 12),
                                                                               np.float32),
-    segment_ids=segment_ids, frame_index=frame_index, positions=np.zeros((rows, length, 2)),
+    segment_ids=segment_ids, causal_block=causal_block, positions=np.zeros((rows, length, 2)),
     stage=zeros, is_target=zeros, text_tokens=np.zeros_like(text_segment_ids),
     text_segment_ids=text_segment_ids)
 
@@ -59,7 +59,7 @@ def model_inputs(batch: PackedBatch, config) -> tuple[VideoTokens, TextTokens]:
   return (
     VideoTokens(tokens=jnp.zeros((rows, length, config.patch_dim)), t=jnp.zeros((rows, length)),
                 segment_ids=jnp.asarray(batch.segment_ids),
-                frame_index=jnp.asarray(batch.frame_index),
+                causal_block=jnp.asarray(batch.causal_block),
                 positions=jnp.zeros((rows, length, 2))),
     TextTokens(segment_ids=jnp.asarray(batch.text_segment_ids),
                t=jnp.zeros((rows, text_length)),
@@ -112,7 +112,7 @@ def test_allowed_pairs_match_dense_mask():
   batch = random_packed_batch(rng, 5, 40, 24, max_segments=4, max_frames=5)
   seg = np.concatenate([batch.text_segment_ids, batch.segment_ids], axis=1)
   frames = np.concatenate(
-    [np.full(batch.text_segment_ids.shape, masks.TEXT_FRAME), batch.frame_index],
+    [np.full(batch.text_segment_ids.shape, masks.TEXT_CAUSAL_BLOCK), batch.causal_block],
     axis=1)
   mask = np.asarray(masks.make_attention_mask(seg, frames, seg, frames))  # [B, 1, L, L]
   np.testing.assert_array_equal(throughput.allowed_pairs(seg, frames), mask.sum(axis=(1, 2, 3)))
@@ -146,7 +146,7 @@ def test_linear_count_by_hand():
   """One video token and one caption token, no padding: the per-token sums written out."""
   config = models.model_config("smoke", patch_size=2, depth=2)
   d, dt, f, p = config.width, config.text_width, config.time_frequency_dim, config.patch_dim
-  batch = packed(segment_ids=np.array([[1, 0]]), frame_index=np.zeros((1, 2), np.int32),
+  batch = packed(segment_ids=np.array([[1, 0]]), causal_block=np.zeros((1, 2), np.int32),
                  text_segment_ids=np.array([[1, 0, 0]]))
   counts = throughput.step_flops(batch, config)
   time_mlp = 2 * f * d + 2 * d * d

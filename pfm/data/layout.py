@@ -94,7 +94,7 @@ def layout_history(history_frames: np.ndarray, k: int, pyramid,
   Returns:
     dict with ``n = sum_j tokens(level_j)`` rows, in temporal order:
       ``tokens``: float32 ``[n, p * p * C]``, patchify(Down(x^j, 2^level_j));
-      ``frame_index``: int32 ``[n]``, the unit index j of each token;
+      ``causal_block``: int32 ``[n]``, the unit index j of each token;
       ``positions``: float32 ``[n, 2]``, ``grid_positions`` on the current unit's grid.
 
   Raises:
@@ -107,7 +107,7 @@ def layout_history(history_frames: np.ndarray, k: int, pyramid,
   check_sizes(height, width, p, num_stages)
   levels = history_levels(i, k, num_stages)
   current_grid = level_token_grid(height, width, k, p)
-  tokens, frame_index, positions = [], [], []
+  tokens, causal_block, positions = [], [], []
   start = 0
   while start < i:  # Runs of units at the same level, cut in one call each.
     lvl = levels[start]
@@ -118,15 +118,15 @@ def layout_history(history_frames: np.ndarray, k: int, pyramid,
     run_tokens = tokens_lib.patchify(run, p)  # [units, n_lvl, P]
     n_lvl = run_tokens.shape[1]
     tokens.append(run_tokens.reshape(-1, run_tokens.shape[-1]))
-    frame_index.append(np.repeat(np.arange(start, stop, dtype=np.int32), n_lvl))
+    causal_block.append(np.repeat(np.arange(start, stop, dtype=np.int32), n_lvl))
     grid = tokens_lib.grid_positions(level_token_grid(height, width, lvl, p), current_grid)
     positions.append(np.tile(grid, (stop - start, 1)))
     start = stop
   if not tokens:
     return dict(tokens=np.zeros((0, p * p * c), np.float32),
-                frame_index=np.zeros((0,), np.int32),
+                causal_block=np.zeros((0,), np.int32),
                 positions=np.zeros((0, 2), np.float32))
-  return dict(tokens=np.concatenate(tokens), frame_index=np.concatenate(frame_index),
+  return dict(tokens=np.concatenate(tokens), causal_block=np.concatenate(causal_block),
               positions=np.concatenate(positions))
 
 
@@ -146,15 +146,15 @@ def layout_sample(frames: np.ndarray, i: int, k: int, pyramid,
       ``clean_end``: float32 ``[n, P]``: for the current unit patchify(Down(x^i, 2^k)) (the
         stage's end point mean, Eq. 8); for history units their clean tokens (Eq. 16).
       ``clean_start``: float32 ``[n, P]``: for the current unit patchify(Up(Down(x^i, 2^(k+1))))
-        at level k's resolution (``Pyramid.start_mean``; zero at the coarsest stage); zeros
+        at level k's resolution (``Pyramid.clean_start``; zero at the coarsest stage); zeros
         for history.
-      ``frame_index``: int32 ``[n]``, the unit index of each token.
+      ``causal_block``: int32 ``[n]``, the unit index of each token.
       ``positions``: float32 ``[n, 2]``, (row, col) on the current unit's token grid.
       ``stage``: int32 ``[n]``, k for every token.
       ``is_target``: int32 ``[n]``, 1 for the current unit's tokens, 0 for history.
       ``temporal_positions``: float32 ``[n]``, the RoPE position: the unit index.
       ``temporal_block_offset``: int32 ``[n]``, zeros (no temporal jump blocks here).
-    with ``P = p * p * C``. The coarsest stage's start mean is zero (``Pyramid.start_mean``).
+    with ``P = p * p * C``. The coarsest stage's start mean is zero (``Pyramid.clean_start``).
 
   Raises:
     ValueError: if ``i`` or ``k`` is out of range, the frame size does not tile, or the pyramid
@@ -171,18 +171,18 @@ def layout_sample(frames: np.ndarray, i: int, k: int, pyramid,
   history = layout_history(frames[:i], k, pyramid, p)
   level = pyramid.level(frames[i], k)
   end = tokens_lib.patchify(level, p)
-  start = tokens_lib.patchify(pyramid.start_mean(level, k), p)
+  start = tokens_lib.patchify(pyramid.clean_start(level, k), p)
   n_cur, n_hist = end.shape[0], history["tokens"].shape[0]
   grid = level_token_grid(height, width, k, p)
-  frame_index = np.concatenate([history["frame_index"], np.full(n_cur, i, np.int32)])
+  causal_block = np.concatenate([history["causal_block"], np.full(n_cur, i, np.int32)])
   return dict(
       clean_end=np.concatenate([history["tokens"], end]),
       clean_start=np.concatenate([np.zeros_like(history["tokens"]), start]),
-      frame_index=frame_index,
+      causal_block=causal_block,
       positions=np.concatenate([history["positions"], tokens_lib.grid_positions(grid, grid)]),
       stage=np.full(n_hist + n_cur, k, np.int32),
       is_target=np.concatenate([np.zeros(n_hist, np.int32), np.ones(n_cur, np.int32)]),
-      temporal_positions=frame_index.astype(np.float32),
+      temporal_positions=causal_block.astype(np.float32),
       temporal_block_offset=np.zeros(n_hist + n_cur, np.int32),
   )
 
@@ -193,7 +193,7 @@ def layout_clip(frames: np.ndarray, k: int, pyramid, p: int, *,
 
   Full-sequence mode (TPDiff; the spatial pyramid applied frame-wise, beyond Pyramidal Flow's
   autoregressive use, its Appendix D): every frame of the clip is noised to the same level and
-  all frames are one unit (``frame_index`` 0), so attention over them is bidirectional. Stage k
+  all frames are one unit (``causal_block`` 0), so attention over them is bidirectional. Stage k
   works at ``pyramid.level`` (resolution / 2^k and/or frame rate / f_k).
 
   Args:
@@ -208,9 +208,9 @@ def layout_clip(frames: np.ndarray, k: int, pyramid, p: int, *,
   Returns:
     dict of arrays with ``n = T_k * (H_k / p) * (W_k / p)`` rows in (frame, row, col) order:
       ``clean_end``: float32 ``[n, P]``, patchify(D_k) with D_k = ``pyramid.level(frames, k)``.
-      ``clean_start``: float32 ``[n, P]``, patchify(``pyramid.start_mean(D_k, k)``): Up(Down(D_k))
+      ``clean_start``: float32 ``[n, P]``, patchify(``pyramid.clean_start(D_k, k)``): Up(Down(D_k))
         across the jump into stage k (TPDiff Eq. 7), zero at the coarsest stage.
-      ``frame_index``: int32 ``[n]``, zeros (one unit).
+      ``causal_block``: int32 ``[n]``, zeros (one unit).
       ``temporal_positions``: float32 ``[n]``, ``pyramid.temporal_positions`` of each token's frame.
       ``positions``: float32 ``[n, 2]``, the integer (row, col) grid of stage k (extrapolation).
       ``stage``: int32 ``[n]``, k. ``is_target``: int32 ``[n]``, ones.
@@ -229,7 +229,7 @@ def layout_clip(frames: np.ndarray, k: int, pyramid, p: int, *,
   num_frames, h, w, _ = clean.shape
   if h % p or w % p:
     raise ValueError(f"layout_clip: stage {k} size {h}x{w} is not divisible by patch size {p}")
-  start = pyramid.start_mean(clean, k)
+  start = pyramid.clean_start(clean, k)
   per_frame = (h // p) * (w // p)
   n = num_frames * per_frame
   ft = pyramid.jump(k)[1] if k < pyramid.num_stages - 1 else 1
@@ -238,7 +238,7 @@ def layout_clip(frames: np.ndarray, k: int, pyramid, p: int, *,
   return dict(
       clean_end=tokens_lib.patchify(clean, p).reshape(n, -1),
       clean_start=tokens_lib.patchify(start, p).reshape(n, -1),
-      frame_index=np.zeros(n, np.int32),
+      causal_block=np.zeros(n, np.int32),
       positions=np.tile(grid, (num_frames, 1)),
       stage=np.full(n, k, np.int32),
       is_target=np.ones(n, np.int32),

@@ -17,7 +17,7 @@ there and summarised here):
   clean_end         float32 [B, L, P]   Down(x^i, 2^k) / clean history tokens, in [-1, 1]
   clean_start       float32 [B, L, P]   Up(Down(x^i, 2^(k+1))) for current-unit tokens, else 0
   segment_ids       int32   [B, L]      1..S: packed sample of each token; 0 = padding
-  frame_index       int32   [B, L]      unit index within its clip
+  causal_block       int32   [B, L]      unit index within its clip
   positions         float32 [B, L, 2]   (row, col) on the current unit's token grid
   stage             int32   [B, L]      stage k of the token's sample
   is_target         int32   [B, L]      1 for current-unit tokens
@@ -53,7 +53,7 @@ from pfm.data import manifest as manifest_lib
 from pfm.data import text as text_lib
 from pfm.data import video
 
-VIDEO_FIELDS = ("clean_end", "clean_start", "frame_index", "positions", "stage", "is_target",
+VIDEO_FIELDS = ("clean_end", "clean_start", "causal_block", "positions", "stage", "is_target",
                 "temporal_positions", "temporal_block_offset")
 _MIN_SHUFFLE_DOMAIN = 4096
 

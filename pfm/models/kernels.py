@@ -79,11 +79,12 @@ def _pad_tokens(
 
   if lq != q.shape[1]:
     q = pad(q, lq)
-    mask = mask.replace(q_segment_ids=pad(mask.q_segment_ids, lq), q_frames=pad(mask.q_frames, lq))
+    mask = mask.replace(q_segment_ids=pad(mask.q_segment_ids, lq),
+                        q_causal_blocks=pad(mask.q_causal_blocks, lq))
   if lk != k.shape[1]:
     k, v = pad(k, lk), pad(v, lk)
     mask = mask.replace(
-      kv_segment_ids=pad(mask.kv_segment_ids, lk), kv_frames=pad(mask.kv_frames, lk))
+      kv_segment_ids=pad(mask.kv_segment_ids, lk), kv_causal_blocks=pad(mask.kv_causal_blocks, lk))
   return q, k, v, mask
 
 

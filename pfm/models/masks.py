@@ -3,13 +3,14 @@
 The mask is built in one place from per-token metadata (Pyramidal Flow Sec. 3.4, blockwise
 causal attention over packed samples): a query attends to a key iff
 
-    segment(q) == segment(k) != 0   and   frame(k) <= frame(q).
+    segment(q) == segment(k) != 0   and   causal_block(k) <= causal_block(q).
 
-Text tokens are given frame -1, so text sees only its own segment's text, and a video token sees
-its segment's text plus its own and earlier frame units, never later ones. Padding (segment 0)
-attends to nothing and is attended by nothing. A query that sees no key has no proper softmax;
-`open_empty_rows` / `zero_empty_rows` make fused kernels return exactly zero for it, in value and
-in gradient (the kernels themselves are in `pfm.models.kernels`).
+A causal block is one latent frame in autoregressive mode and a whole clip in full-sequence
+mode. Text tokens are in causal block -1, so text sees only its own segment's text, and a video
+token sees its segment's text plus its own and earlier causal blocks, never later ones. Padding
+(segment 0) attends to nothing and is attended by nothing. A query that sees no key has no
+proper softmax; `open_empty_rows` / `zero_empty_rows` make fused kernels return exactly zero for
+it, in value and in gradient (the kernels themselves are in `pfm.models.kernels`).
 """
 
 from __future__ import annotations
@@ -18,30 +19,30 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-TEXT_FRAME = -1  # Frame index given to text tokens in joint attention.
+TEXT_CAUSAL_BLOCK = -1  # The causal block of text tokens in joint attention.
 
 
 def make_attention_mask(
   q_segment_ids: jax.Array,
-  q_frames: jax.Array,
+  q_causal_blocks: jax.Array,
   kv_segment_ids: jax.Array,
-  kv_frames: jax.Array,
+  kv_causal_blocks: jax.Array,
 ) -> jax.Array:
   """Blockwise-causal, segment-restricted attention mask.
 
   Args:
     q_segment_ids: int [B, Lq] packed-sample id of each query, 0 = padding.
-    q_frames: int [B, Lq] frame unit of each query (-1 for text tokens).
+    q_causal_blocks: int [B, Lq] causal block of each query (-1 for text tokens).
     kv_segment_ids: int [B, Lk] packed-sample id of each key, 0 = padding.
-    kv_frames: int [B, Lk] frame unit of each key (-1 for text tokens).
+    kv_causal_blocks: int [B, Lk] causal block of each key (-1 for text tokens).
 
   Returns:
     bool [B, 1, Lq, Lk]: True where the query may attend to the key, i.e. both are in the same
-    non-zero segment and frame(key) <= frame(query).
+    non-zero segment and causal_block(key) <= causal_block(query).
   """
   same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
   valid = (q_segment_ids[:, :, None] != 0) & (kv_segment_ids[:, None, :] != 0)
-  causal = kv_frames[:, None, :] <= q_frames[:, :, None]
+  causal = kv_causal_blocks[:, None, :] <= q_causal_blocks[:, :, None]
   return (same_segment & valid & causal)[:, None]
 
 
@@ -51,25 +52,25 @@ class MaskInfo:
 
   Attributes:
     q_segment_ids: int32 [B, Lq], 0 = padding.
-    q_frames: int32 [B, Lq], -1 for text tokens.
+    q_causal_blocks: int32 [B, Lq], -1 for text tokens.
     kv_segment_ids: int32 [B, Lk], 0 = padding.
-    kv_frames: int32 [B, Lk], -1 for text tokens.
+    kv_causal_blocks: int32 [B, Lk], -1 for text tokens.
   """
 
   q_segment_ids: jax.Array
-  q_frames: jax.Array
+  q_causal_blocks: jax.Array
   kv_segment_ids: jax.Array
-  kv_frames: jax.Array
+  kv_causal_blocks: jax.Array
 
   @classmethod
-  def self_attention(cls, segment_ids: jax.Array, frames: jax.Array) -> MaskInfo:
-    """Queries and keys are the same tokens: [B, L] segment ids and frames."""
-    return cls(segment_ids, frames, segment_ids, frames)
+  def self_attention(cls, segment_ids: jax.Array, causal_blocks: jax.Array) -> MaskInfo:
+    """Queries and keys are the same tokens: [B, L] segment ids and causal blocks."""
+    return cls(segment_ids, causal_blocks, segment_ids, causal_blocks)
 
   def dense(self) -> jax.Array:
     """bool [B, 1, Lq, Lk], see `make_attention_mask`."""
     return make_attention_mask(
-      self.q_segment_ids, self.q_frames, self.kv_segment_ids, self.kv_frames)
+      self.q_segment_ids, self.q_causal_blocks, self.kv_segment_ids, self.kv_causal_blocks)
 
 
 def open_empty_rows(mask: MaskInfo) -> tuple[jax.Array, jax.Array]:

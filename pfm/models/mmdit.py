@@ -40,7 +40,7 @@ from pfm.models.blocks import FinalLayer, JointBlock
 from pfm.models.embeddings import (
   MLPEmbedder, TimestepEmbedder, rope_angles, spatial_position_embedding)
 from pfm.models.layers import linear
-from pfm.models.masks import TEXT_FRAME, MaskInfo
+from pfm.models.masks import TEXT_CAUSAL_BLOCK, MaskInfo
 from pfm.models.partitioning import with_logical_constraint
 from pfm.models.presets import MMDiTConfig, model_config
 from pfm.models.stacking import call_block, remat_policy, scan_blocks, scan_decode, stacked_blocks
@@ -54,7 +54,7 @@ class ContextCache:
   Attributes:
     kv: per unstacked block, in order, (keys [B, Lc, H, Dh] with RoPE applied, values
       [B, Lc, H, Dh]): every block, or with `scan_layers` only the last one.
-    segment_ids, frames: int32 [B, Lc] mask metadata of the context ([text; history]).
+    segment_ids, causal_blocks: int32 [B, Lc] mask metadata of the context ([text; history]).
     pooled_text: [B, Lt, D] pooled caption embedding at each text token.
     text_segment_ids: int32 [B, Lt].
     stacked_kv: with `scan_layers` and depth > 1, (keys, values) of the stacked blocks
@@ -63,7 +63,7 @@ class ContextCache:
 
   kv: tuple[tuple[jax.Array, jax.Array], ...]
   segment_ids: jax.Array
-  frames: jax.Array
+  causal_blocks: jax.Array
   pooled_text: jax.Array
   text_segment_ids: jax.Array
   stacked_kv: tuple[jax.Array, jax.Array] | None = None
@@ -193,9 +193,9 @@ class MMDiT(nnx.Module):
     config = self.config
     x_video, c_video = self._embed_video(video, context.pooled_text, context.text_segment_ids)
     mask = MaskInfo(
-      video.segment_ids, video.frame_index,
+      video.segment_ids, video.causal_block,
       jnp.concatenate([context.segment_ids, video.segment_ids], 1),
-      jnp.concatenate([context.frames, video.frame_index], 1))
+      jnp.concatenate([context.causal_blocks, video.causal_block], 1))
     angles = rope_angles(video.rope_positions, config.head_dim, config.rope_theta)
     if config.scan_layers:
       if self.blocks is not None:
@@ -239,9 +239,9 @@ class MMDiT(nnx.Module):
     # Joint sequence [text; video]: mask metadata (text at frame -1) and temporal RoPE angles
     # (text at position 0).
     segment_ids = jnp.concatenate([text_segment_ids, video.segment_ids], axis=1)
-    frames = jnp.concatenate(
-      [jnp.full_like(text_segment_ids, TEXT_FRAME), video.frame_index], axis=1)
-    mask = MaskInfo.self_attention(segment_ids, frames)
+    causal_blocks = jnp.concatenate(
+      [jnp.full_like(text_segment_ids, TEXT_CAUSAL_BLOCK), video.causal_block], axis=1)
+    mask = MaskInfo.self_attention(segment_ids, causal_blocks)
     angles = rope_angles(
       jnp.concatenate([jnp.zeros(text_segment_ids.shape, jnp.float32),
                        video.rope_positions.astype(jnp.float32)], axis=1),
@@ -261,7 +261,7 @@ class MMDiT(nnx.Module):
         block, x_text, c_text, x_video, c_video, angles, mask, remat=config.remat_policy)
       if collect_kv:
         kv.append(block_kv)
-    context = ContextCache(kv=tuple(kv), segment_ids=segment_ids, frames=frames,
+    context = ContextCache(kv=tuple(kv), segment_ids=segment_ids, causal_blocks=causal_blocks,
                            pooled_text=pooled, text_segment_ids=text_segment_ids,
                            stacked_kv=stacked_kv)
     return context, x_video, c_video

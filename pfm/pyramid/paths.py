@@ -6,7 +6,7 @@ Eqs. 9-10, TPDiff Eqs. 7-8, project convention t = 0 noise, t = 1 data):
     x̂_{s_k} = gamma_{s_k} Up(Down(D)) + sigma_{s_k} n,     x̂_{e_k} = gamma_{e_k} D + sigma_{e_k} n,
 
 with D the clean data at stage k's size and (gamma_t, sigma_t) the schedule
-(``pfm.pyramid.schedules``). Inside the stage (TPDiff Sec. 3.3-3.4, Algorithm 2):
+(``pfm.pyramid.diffusions``). Inside the stage (TPDiff Sec. 3.3-3.4, Algorithm 2):
 
 * flow matching: a complete flow between the endpoints, x̂_t = (1 - t') x̂_s + t' x̂_e with
   t' = (t - s_k) / (e_k - s_k), target the velocity d x̂_t / d t' = x̂_e - x̂_s (TPDiff Eqs. 12-13,
@@ -23,14 +23,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pfm.pyramid import schedules as schedules_lib
+from pfm.pyramid import diffusions
 
-def is_ddim(schedule: schedules_lib.Schedule) -> bool:
+def is_ddim(noise_schedule: diffusions.NoiseSchedule) -> bool:
   """True for the variance-preserving schedule, whose stages use TPDiff's DDIM equations."""
-  return isinstance(schedule, schedules_lib.VariancePreserving)
+  return isinstance(noise_schedule, diffusions.VariancePreserving)
 
 
-def stage_endpoints(clean_end, clean_start, noise, s, e, schedule: schedules_lib.Schedule):
+def stage_endpoints(clean_end, clean_start, noise, s, e, noise_schedule: diffusions.NoiseSchedule):
   """Pyramidal Flow Eqs. (9)-(10), TPDiff Eqs. (7)-(8): the stage's start and end points.
 
   Args:
@@ -39,13 +39,13 @@ def stage_endpoints(clean_end, clean_start, noise, s, e, schedule: schedules_lib
       is pure noise for flow matching and nearly so for DDIM).
     noise: n ~ N(0, I), same shape.
     s, e: the stage window ``[s_k, e_k]``, broadcastable, 0 <= s < e <= 1.
-    schedule: the diffusion's coefficients.
+    noise_schedule: the diffusion's coefficients.
 
   Returns:
     ``(x_start, x_end)`` = (gamma_s U + sigma_s n, gamma_e D + sigma_e n).
   """
-  x_start = schedule.signal(s) * clean_start + schedule.noise(s) * noise
-  x_end = schedule.signal(e) * clean_end + schedule.noise(e) * noise
+  x_start = noise_schedule.signal(s) * clean_start + noise_schedule.noise(s) * noise
+  x_end = noise_schedule.signal(e) * clean_end + noise_schedule.noise(e) * noise
   return x_start, x_end
 
 
@@ -59,21 +59,21 @@ def velocity_target(x_start, x_end):
   return x_end - x_start
 
 
-def stage_noise(x_start, x_end, s, e, schedule):
+def stage_noise(x_start, x_end, s, e, noise_schedule):
   """DDIM, TPDiff Eq. (11): eps_k = (x̂_e / gamma_e - x̂_s / gamma_s) / (rho_e - rho_s).
 
   With rho = sigma / gamma the noise-to-signal ratio. The stage's DDIM path is a straight line in
   the coordinates (rho, x / gamma), and eps_k is its slope.
   """
-  rho_s, rho_e = schedule.noise_to_signal(s), schedule.noise_to_signal(e)
-  return (x_end / schedule.signal(e) - x_start / schedule.signal(s)) / (rho_e - rho_s)
+  rho_s, rho_e = noise_schedule.noise_to_signal(s), noise_schedule.noise_to_signal(e)
+  return (x_end / noise_schedule.signal(e) - x_start / noise_schedule.signal(s)) / (rho_e - rho_s)
 
 
-def ddim_point(x_start, eps, t, s, schedule):
+def ddim_point(x_start, eps, t, s, noise_schedule):
   """DDIM, TPDiff Eq. (10): x_t = (gamma_t / gamma_s) x̂_s + gamma_t eps_k (rho_t - rho_s)."""
-  gamma_t = schedule.signal(t)
-  rho_t, rho_s = schedule.noise_to_signal(t), schedule.noise_to_signal(s)
-  return gamma_t / schedule.signal(s) * x_start + gamma_t * eps * (rho_t - rho_s)
+  gamma_t = noise_schedule.signal(t)
+  rho_t, rho_s = noise_schedule.noise_to_signal(t), noise_schedule.noise_to_signal(s)
+  return gamma_t / noise_schedule.signal(s) * x_start + gamma_t * eps * (rho_t - rho_s)
 
 
 def global_time(t_local, s, e):
@@ -81,19 +81,19 @@ def global_time(t_local, s, e):
   return s + t_local * (e - s)
 
 
-def stage_point(x_start, x_end, t_local, s, e, schedule: schedules_lib.Schedule):
+def stage_point(x_start, x_end, t_local, s, e, noise_schedule: diffusions.NoiseSchedule):
   """x_t at rescaled stage time t' in [0, 1]: Eq. (12) for flow matching, Eq. (10) for DDIM."""
-  if not is_ddim(schedule):
+  if not is_ddim(noise_schedule):
     return interpolate(x_start, x_end, t_local)
-  eps = stage_noise(x_start, x_end, s, e, schedule)
-  return ddim_point(x_start, eps, global_time(t_local, s, e), s, schedule)
+  eps = stage_noise(x_start, x_end, s, e, noise_schedule)
+  return ddim_point(x_start, eps, global_time(t_local, s, e), s, noise_schedule)
 
 
-def stage_target(x_start, x_end, s, e, schedule: schedules_lib.Schedule):
+def stage_target(x_start, x_end, s, e, noise_schedule: diffusions.NoiseSchedule):
   """The regression target of the stage: the velocity (Eq. 13) or eps_k (Eq. 11)."""
-  if not is_ddim(schedule):
+  if not is_ddim(noise_schedule):
     return velocity_target(x_start, x_end)
-  return stage_noise(x_start, x_end, s, e, schedule)
+  return stage_noise(x_start, x_end, s, e, noise_schedule)
 
 
 def sample_local_time(key, shape, distribution: str = "uniform", mean: float = 0.0,
@@ -121,7 +121,7 @@ def sample_local_time(key, shape, distribution: str = "uniform", mean: float = 0
 
 
 def target_from_clean(x_t, clean_end_hat, clean_start_hat, t_local, s, e,
-                      schedule: schedules_lib.Schedule, min_noise: float = 1e-6):
+                      noise_schedule: diffusions.NoiseSchedule, min_noise: float = 1e-6):
   """The stage target implied by a prediction of the clean data (x-prediction).
 
   A prediction D̂ of D (and Û = Up(Down(D̂)), the start mean it implies) fixes the path's mean, so
@@ -140,30 +140,31 @@ def target_from_clean(x_t, clean_end_hat, clean_start_hat, t_local, s, e,
   Args:
     x_t: the current point. clean_end_hat: D̂. clean_start_hat: Û. All the same shape.
     t_local: t' in [0, 1). s, e: the stage window (broadcastable).
-    schedule: the diffusion's coefficients.
+    noise_schedule: the diffusion's coefficients.
     min_noise: lower clip of the noise coefficient (sigma_path or rho_t) near t = 1.
 
   Returns:
     the velocity (flow matching) or eps_k (DDIM), the shape of ``x_t``.
   """
-  gamma_s, gamma_e = schedule.signal(s), schedule.signal(e)
-  sigma_s, sigma_e = schedule.noise(s), schedule.noise(e)
-  if not is_ddim(schedule):
+  gamma_s, gamma_e = noise_schedule.signal(s), noise_schedule.signal(e)
+  sigma_s, sigma_e = noise_schedule.noise(s), noise_schedule.noise(e)
+  if not is_ddim(noise_schedule):
     mean = (1.0 - t_local) * gamma_s * clean_start_hat + t_local * gamma_e * clean_end_hat
     sigma_path = (1.0 - t_local) * sigma_s + t_local * sigma_e
     noise = (x_t - mean) / jnp.maximum(sigma_path, min_noise)
     return gamma_e * clean_end_hat - gamma_s * clean_start_hat + (sigma_e - sigma_s) * noise
   t = global_time(t_local, s, e)
-  rho_s, rho_e, rho_t = (schedule.noise_to_signal(s), schedule.noise_to_signal(e),
-                         schedule.noise_to_signal(t))
+  rho_s, rho_e, rho_t = (noise_schedule.noise_to_signal(s), noise_schedule.noise_to_signal(e),
+                         noise_schedule.noise_to_signal(t))
   w = (rho_t - rho_s) / (rho_e - rho_s)
   diff = clean_end_hat - clean_start_hat
-  noise = (x_t / schedule.signal(t) - clean_start_hat - w * diff) / jnp.maximum(rho_t, min_noise)
+  noise = ((x_t / noise_schedule.signal(t) - clean_start_hat - w * diff)
+           / jnp.maximum(rho_t, min_noise))
   return noise + diff / (rho_e - rho_s)
 
 
 def exact_single_point_target(x, t, s, e, clean_end, clean_start,
-                              schedule: schedules_lib.Schedule):
+                              noise_schedule: diffusions.NoiseSchedule):
   """The exact marginal target at x when the data distribution is a single point.
 
   On the coupled path the noise is recovered from x̂_t, so the marginal target equals the
@@ -174,6 +175,6 @@ def exact_single_point_target(x, t, s, e, clean_end, clean_start,
   Args:
     x: x̂_t at stage size. t: global time in [s, e), scalar or broadcastable.
     s, e: the stage window. clean_end: D. clean_start: U (zero at the coarsest stage).
-    schedule: the diffusion's coefficients.
+    noise_schedule: the diffusion's coefficients.
   """
-  return target_from_clean(x, clean_end, clean_start, (t - s) / (e - s), s, e, schedule)
+  return target_from_clean(x, clean_end, clean_start, (t - s) / (e - s), s, e, noise_schedule)

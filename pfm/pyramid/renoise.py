@@ -1,4 +1,4 @@
-"""Renoising at jump points: one rule for any upsampled block and any diffusion schedule.
+"""Renoising at jump points: one rule for any upsampled block and any noise schedule.
 
 At a jump point the coarser stage's endpoint x̂_{e_{k+1}} is upsampled by nearest neighbour, so each
 coarse value fills a block of m equal elements and its noise is perfectly correlated inside the
@@ -17,6 +17,9 @@ rho(e_{k+1}) = sqrt(-gamma / (1 - gamma)) rho(s_k) on the noise-to-signal ratio 
 semidefinite iff gamma >= -1/(m - 1). TPDiff's Eq. (21)/(22) is the flow-matching case with
 gamma = -1 (its derivation assumes gamma_t + sigma_t = 1); the variance-preserving (DDIM) case uses
 the same two formulas with gamma_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t).
+
+Both papers write gamma for the in-block correlation and (TPDiff) gamma_t for the signal
+coefficient; in code the first is ``correlation`` and the second ``noise_schedule.signal(t)``.
 """
 
 from __future__ import annotations
@@ -26,8 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pfm.pyramid import resample
-from pfm.pyramid import schedules as schedules_lib
+from pfm.pyramid import diffusions, resample
 
 
 def block_size(spatial: int = 2, temporal: int = 1) -> int:
@@ -35,7 +37,7 @@ def block_size(spatial: int = 2, temporal: int = 1) -> int:
   return spatial * spatial * temporal
 
 
-def min_block_gamma(spatial: int = 2, temporal: int = 1) -> float:
+def min_block_correlation(spatial: int = 2, temporal: int = 1) -> float:
   """The smallest in-block correlation -1/(m - 1) (-1/3 for 2x2, -1 for a frame pair, -1/7 for
   2x2x2): Sigma' stays positive semidefinite (Pyramidal Flow Eq. 14, TPDiff Eq. 19)."""
   m = block_size(spatial, temporal)
@@ -44,9 +46,9 @@ def min_block_gamma(spatial: int = 2, temporal: int = 1) -> float:
   return -1.0 / (m - 1)
 
 
-def block_noise(key, shape, gamma: float, spatial: int = 2, temporal: int = 1,
+def block_noise(key, shape, correlation: float, spatial: int = 2, temporal: int = 1,
                 dtype=jnp.float32):
-  """Corrective noise n' ~ N(0, Sigma') with unit variance and in-block correlation ``gamma``.
+  """Corrective noise n' ~ N(0, Sigma') with unit variance and in-block correlation ``correlation`` (the papers' gamma).
 
   Blocks are ``spatial x spatial`` pixels of ``temporal`` consecutive frames, independent of each
   other. Vectorised: with z ~ N(0, I) and P z = Up(Down(z)) the block mean,
@@ -57,41 +59,42 @@ def block_noise(key, shape, gamma: float, spatial: int = 2, temporal: int = 1,
     key: PRNG key.
     shape: ``[..., T, H, W, C]`` at the upsampled size (images ``[..., H, W, C]`` when
       ``temporal == 1``); T divisible by ``temporal``, H and W by ``spatial``.
-    gamma: in ``[-1/(m-1), 0]``, m = spatial^2 * temporal.
+    correlation: in ``[-1/(m-1), 0]``, m = spatial^2 * temporal.
     spatial, temporal: the block's side in pixels and its length in frames.
     dtype: output dtype.
 
   Raises:
-    ValueError: if gamma is outside its range.
+    ValueError: if correlation is outside its range.
   """
   m = block_size(spatial, temporal)
-  lower = min_block_gamma(spatial, temporal)
-  if not lower - 1e-9 <= gamma <= 0.0:
-    raise ValueError(f"gamma must lie in [{lower:.4f}, 0] for {m}-element blocks, got {gamma}")
+  lower = min_block_correlation(spatial, temporal)
+  if not lower - 1e-9 <= correlation <= 0.0:
+    raise ValueError(f"the in-block correlation must lie in [{lower:.4f}, 0] for {m}-element "
+                     f"blocks, got {correlation}")
   z = jax.random.normal(key, shape, dtype)
   block_mean = resample.up_video(resample.down_video(z, spatial, temporal), spatial, temporal)
-  return (math.sqrt(1.0 - gamma) * (z - block_mean)
-          + math.sqrt(max(1.0 + (m - 1) * gamma, 0.0)) * block_mean)
+  return (math.sqrt(1.0 - correlation) * (z - block_mean)
+          + math.sqrt(max(1.0 + (m - 1) * correlation, 0.0)) * block_mean)
 
 
-def renoise_coefficients(start: float, end: float, gamma: float,
-                         schedule: schedules_lib.Schedule):
+def renoise_coefficients(start: float, end: float, correlation: float,
+                         noise_schedule: diffusions.NoiseSchedule):
   """(rescale, noise weight) mapping Up(x̂_{e_{k+1}}) to x̂_{s_k}.
 
   Returns ``(gamma_{s_k} / gamma_{e_{k+1}}, sigma_{s_k} / sqrt(1 - gamma))``. Flow matching,
   gamma = -1/3, e = 2s/(1 + s): ((1 + s)/2, sqrt(3)(1 - s)/2), Pyramidal Flow Eq. (15); gamma = -1:
   ((sigma_s + sqrt(2) gamma_s)/sqrt(2), sigma_s/sqrt(2)), TPDiff Eqs. (21)-(22).
   """
-  rescale = float(schedule.signal(float(start))) / float(schedule.signal(float(end)))
-  return rescale, float(schedule.noise(float(start))) / math.sqrt(1.0 - gamma)
+  rescale = float(noise_schedule.signal(float(start))) / float(noise_schedule.signal(float(end)))
+  return rescale, float(noise_schedule.noise(float(start))) / math.sqrt(1.0 - correlation)
 
 
-def renoise(key, x_end_coarse, start: float, end: float, gamma: float,
-            schedule: schedules_lib.Schedule, *, spatial: int = 2, temporal: int = 1):
+def renoise(key, x_end_coarse, start: float, end: float, correlation: float,
+            noise_schedule: diffusions.NoiseSchedule, *, spatial: int = 2, temporal: int = 1):
   """x̂_{s_k} = (gamma_{s_k} / gamma_{e_{k+1}}) Up(x̂_{e_{k+1}}) + alpha n' (module docstring).
 
   Pyramidal Flow Eqs. (13)/(15) for ``spatial=2, temporal=1``; TPDiff Eq. (15)/(22) for
-  ``spatial=1, temporal=2, gamma=-1``; both at once for the spatiotemporal pyramid.
+  ``spatial=1, temporal=2, correlation=-1``; both at once for the spatiotemporal pyramid.
 
   Args:
     key: PRNG key for n'.
@@ -100,14 +103,14 @@ def renoise(key, x_end_coarse, start: float, end: float, gamma: float,
     start: s_k of the next (finer) stage.
     end: e_{k+1} of the coarser stage; must satisfy the jump relation with ``start``
       (``pfm.pyramid.windows.jump_end``) for the distributions to match.
-    gamma: the in-block correlation the windows were derived with.
-    schedule: the diffusion's coefficients.
+    correlation: the in-block correlation the windows were derived with.
+    noise_schedule: the diffusion's coefficients.
     spatial, temporal: the upsampling factors of this jump.
 
   Returns:
     x̂_{s_k}, ``[..., T * temporal, H * spatial, W * spatial, C]``.
   """
   upsampled = resample.up_video(x_end_coarse, spatial, temporal)
-  rescale, alpha = renoise_coefficients(start, end, gamma, schedule)
-  noise = block_noise(key, upsampled.shape, gamma, spatial, temporal, upsampled.dtype)
+  rescale, alpha = renoise_coefficients(start, end, correlation, noise_schedule)
+  noise = block_noise(key, upsampled.shape, correlation, spatial, temporal, upsampled.dtype)
   return (rescale * upsampled + alpha * noise).astype(upsampled.dtype)

@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pfm.pyramid import paths, stages
-from pfm.pyramid import schedules as schedules_lib
+from pfm.pyramid import diffusions, paths, stages
 
 ModelFn = Callable[[jax.Array, jax.Array, int], jax.Array]
 
@@ -50,7 +49,7 @@ def euler_stage(velocity_fn: ModelFn, x_start, k: int, start: float, end: float,
 
 
 def ddim_stage(eps_fn: ModelFn, x_start, k: int, start: float, end: float, num_steps: int,
-               schedule: schedules_lib.Schedule):
+               noise_schedule: diffusions.NoiseSchedule):
   """DDIM inside one stage (TPDiff Sec. 3.4, its Eq. 3 with the stage noise of Eqs. 10-11).
 
   ``num_steps`` uniform steps in t from ``start`` to ``end``; each moves along the stage's DDIM
@@ -60,7 +59,7 @@ def ddim_stage(eps_fn: ModelFn, x_start, k: int, start: float, end: float, num_s
   Args:
     eps_fn: ``(x, t, k) -> eps_k`` prediction, shape of ``x``.
     x_start: x̂_{s_k}. k: stage index (static). start, end: the window.
-    num_steps: >= 1. schedule: the variance-preserving schedule.
+    num_steps: >= 1. noise_schedule: the variance-preserving schedule.
 
   Returns:
     x̂_{e_k}, same shape and dtype as ``x_start``.
@@ -68,23 +67,23 @@ def ddim_stage(eps_fn: ModelFn, x_start, k: int, start: float, end: float, num_s
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
   times = np.linspace(start, end, num_steps + 1)
-  gammas = jnp.asarray(schedule.signal(times), jnp.float32)
-  rhos = jnp.asarray(schedule.noise_to_signal(times), jnp.float32)
+  signals = jnp.asarray(noise_schedule.signal(times), jnp.float32)
+  rhos = jnp.asarray(noise_schedule.noise_to_signal(times), jnp.float32)
   ts = jnp.asarray(times, jnp.float32)
 
   def step(i, x):
     eps = eps_fn(x, ts[i], k).astype(jnp.float32)
-    x_next = gammas[i + 1] * (x.astype(jnp.float32) / gammas[i] + eps * (rhos[i + 1] - rhos[i]))
+    x_next = signals[i + 1] * (x.astype(jnp.float32) / signals[i] + eps * (rhos[i + 1] - rhos[i]))
     return x_next.astype(x.dtype)
 
   return jax.lax.fori_loop(0, num_steps, step, x_start)
 
 
 def integrate_stage(model_fn: ModelFn, x_start, k: int, start: float, end: float, num_steps: int,
-                    schedule: schedules_lib.Schedule):
+                    noise_schedule: diffusions.NoiseSchedule):
   """Euler (flow matching) or DDIM (variance-preserving) from x̂_{s_k} to x̂_{e_k}."""
-  if paths.is_ddim(schedule):
-    return ddim_stage(model_fn, x_start, k, start, end, num_steps, schedule)
+  if paths.is_ddim(noise_schedule):
+    return ddim_stage(model_fn, x_start, k, start, end, num_steps, noise_schedule)
   return euler_stage(model_fn, x_start, k, start, end, num_steps)
 
 
@@ -120,15 +119,15 @@ def sample_pyramid(model_fn: ModelFn, key, shape: Sequence[int], pyramid: stages
   if height % fs or width % fs or (ft > 1 and (not lead or lead[-1] % ft)):
     raise ValueError(f"shape {tuple(shape)} is not divisible by the coarsest stage's factors "
                      f"(space {fs}, time {ft})")
-  schedule = pyramid.schedule
+  noise_schedule = pyramid.noise_schedule
   keys = jax.random.split(key, num_stages)
   start = pyramid.windows[-1][0]
   # x̂_{s_{K-1}}: the coarsest stage starts from noise (its start mean is zero, see stages.py).
-  x = float(schedule.noise(start)) * jax.random.normal(
+  x = float(noise_schedule.noise(start)) * jax.random.normal(
       keys[0], pyramid.stage_shape(shape, num_stages - 1), dtype)
   for order, k in enumerate(range(num_stages - 1, -1, -1)):
     start, end = pyramid.windows[k]
     if order > 0:  # jump point from stage k + 1 into stage k
       x = pyramid.renoise(keys[order], x, k)
-    x = integrate_stage(model_fn, x, k, start, end, int(steps_per_stage[order]), schedule)
+    x = integrate_stage(model_fn, x, k, start, end, int(steps_per_stage[order]), noise_schedule)
   return x

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pfm.pyramid import diffusions
 from pfm.pyramid import renoise as renoise_lib
 from pfm.pyramid import resample
-from pfm.pyramid import schedules as schedules_lib
 from pfm.pyramid import windows as windows_lib
 
 
@@ -35,14 +35,15 @@ class Pyramid:
     windows: ``((s_k, e_k), ...)`` for k = 0..K-1.
     spatial_factors: stage k's spatial Down factor relative to full size (1 at k = 0).
     temporal_factors: stage k's frame-rate reduction relative to full rate (1 at k = 0).
-    gammas: in-block correlation of the jump into stage k (from k + 1), k = 0..K-2.
+    correlations: in-block correlation (the papers' gamma) of the jump into stage k (from
+      k + 1), k = 0..K-2.
     diffusion: ``"flow_matching"`` or ``"ddim"``.
   """
 
   windows: tuple[tuple[float, float], ...]
   spatial_factors: tuple[int, ...]
   temporal_factors: tuple[int, ...]
-  gammas: tuple[float, ...]
+  correlations: tuple[float, ...]
   diffusion: str = "flow_matching"
 
   @property
@@ -50,8 +51,8 @@ class Pyramid:
     return len(self.windows)
 
   @property
-  def schedule(self) -> schedules_lib.Schedule:
-    return schedules_lib.get_schedule(self.diffusion)
+  def noise_schedule(self) -> diffusions.NoiseSchedule:
+    return diffusions.get(self.diffusion).noise_schedule
 
   def jump(self, k: int) -> tuple[int, int]:
     """``(spatial, temporal)`` upsampling factors from stage k + 1 into stage k (k < K - 1)."""
@@ -72,7 +73,7 @@ class Pyramid:
     reduction); NumPy or JAX."""
     return resample.down_video(x, self.spatial_factors[k], self.temporal_factors[k])
 
-  def start_mean(self, clean_k, k: int):
+  def clean_start(self, clean_k, k: int):
     """Up(Down(D_k)) across the jump into stage k: the start mean of stage k (Pyramidal Flow
     Eq. 8, TPDiff Eq. 7), from ``clean_k`` = D_k at stage k's size. Zero at the coarsest stage:
     the sampler starts it from N(0, sigma_{s_{K-1}}^2 I), so training does too."""
@@ -107,33 +108,34 @@ class Pyramid:
     """The jump from stage k + 1 into stage k (``pfm.pyramid.renoise.renoise``)."""
     fs, ft = self.jump(k)
     return renoise_lib.renoise(key, x_end_coarse, self.windows[k][0], self.windows[k + 1][1],
-                               self.gammas[k], self.schedule, spatial=fs, temporal=ft)
+                               self.correlations[k], self.noise_schedule, spatial=fs, temporal=ft)
 
 
-def parse_factors(schedule: str | Sequence[int] | int, num_jumps: int) -> tuple[int, ...]:
+def parse_factors(frame_rate_schedule: str | Sequence[int] | int,
+                  num_jumps: int) -> tuple[int, ...]:
   """A frame-rate reduction schedule in sampling order: "2" -> (2, 2), "4-2" -> (4, 2).
 
   Args:
-    schedule: "" or None (no temporal pyramid: all 1), one factor for every jump ("2", 4), or
-      one per jump separated by "-" ("4-2"), coarsest jump first.
+    frame_rate_schedule: "" or None (no temporal pyramid: all 1), one factor for every jump
+      ("2", 4), or one per jump separated by "-" ("4-2"), coarsest jump first.
     num_jumps: K - 1.
 
   Raises:
     ValueError: for a wrong count or a factor that is not a power of two >= 1.
   """
-  if schedule in ("", None):
+  if frame_rate_schedule in ("", None):
     return (1,) * num_jumps
-  if isinstance(schedule, str):
-    parts = [int(p) for p in schedule.split("-")]
-  elif isinstance(schedule, int):
-    parts = [schedule]
+  if isinstance(frame_rate_schedule, str):
+    parts = [int(p) for p in frame_rate_schedule.split("-")]
+  elif isinstance(frame_rate_schedule, int):
+    parts = [frame_rate_schedule]
   else:
-    parts = [int(p) for p in schedule]
+    parts = [int(p) for p in frame_rate_schedule]
   if len(parts) == 1:
     parts = parts * num_jumps
   if len(parts) != num_jumps or any(p < 1 or p & (p - 1) for p in parts):
-    raise ValueError(f"frame-rate schedule {schedule!r}: need 1 or {num_jumps} powers of two "
-                     "(one per jump, coarsest first)")
+    raise ValueError(f"frame-rate schedule {frame_rate_schedule!r}: need 1 or {num_jumps} powers "
+                     "of two (one per jump, coarsest first)")
   return tuple(parts)
 
 
@@ -168,7 +170,7 @@ def split_steps(total_steps: int, partition, num_stages: int) -> tuple[int, ...]
 
 
 def make_pyramid(num_stages: int, *, spatial: bool = True, frame_rate_schedule="",
-                 partition=None, gamma: float | None = None,
+                 partition=None, correlation: float | None = None,
                  diffusion: str = "flow_matching") -> Pyramid:
   """Builds a ``Pyramid``.
 
@@ -179,37 +181,37 @@ def make_pyramid(num_stages: int, *, spatial: bool = True, frame_rate_schedule="
       for none.
     partition: relative lengths of the stage windows in sampling order (``parse_partition``),
       None/"" = uniform.
-    gamma: the in-block correlation of every jump's corrective noise; None = the smallest valid
-      value -1/(m - 1) of each jump's m-element block.
+    correlation: the in-block correlation of every jump's corrective noise (the papers' gamma);
+      None = the smallest valid value -1/(m - 1) of each jump's m-element block.
     diffusion: ``"flow_matching"`` or ``"ddim"``.
 
   Raises:
-    ValueError: if a jump changes neither size nor frame rate, a gamma is out of
+    ValueError: if a jump changes neither size nor frame rate, a correlation is out of
       [-1/(m - 1), 0] for its block, or the schedule / partition is malformed.
   """
   if num_stages < 1:
     raise ValueError(f"num_stages must be >= 1, got {num_stages}")
-  schedule = schedules_lib.get_schedule(diffusion)
+  noise_schedule = diffusions.get(diffusion).noise_schedule
   num_jumps = num_stages - 1
   temporal_jumps = parse_factors(frame_rate_schedule, num_jumps)[::-1]  # index: finer stage k
   spatial_jump = 2 if spatial else 1
   spatial_factors = tuple(spatial_jump**k for k in range(num_stages))
   temporal_factors = tuple(int(np.prod(temporal_jumps[:k])) for k in range(num_stages))
-  gammas = []
+  correlations = []
   for k in range(num_jumps):
     m = renoise_lib.block_size(spatial_jump, temporal_jumps[k])
     if m < 2:
       raise ValueError(f"the jump into stage {k} changes neither resolution nor frame rate: a "
                        f"pyramid of {num_stages} stages needs spatial=True or a frame-rate "
                        "schedule")
-    lower = renoise_lib.min_block_gamma(spatial_jump, temporal_jumps[k])
-    g = lower if gamma is None else float(gamma)
+    lower = renoise_lib.min_block_correlation(spatial_jump, temporal_jumps[k])
+    g = lower if correlation is None else float(correlation)
     if not lower - 1e-9 <= g <= 0.0:
-      raise ValueError(f"gamma={g} is outside [{lower:.4f}, 0] for the {m}-element blocks of the "
-                       f"jump into stage {k}")
-    gammas.append(g)
+      raise ValueError(f"correlation={g} is outside [{lower:.4f}, 0] for the {m}-element blocks "
+                       f"of the jump into stage {k}")
+    correlations.append(g)
   boundaries = windows_lib.partition_boundaries(parse_partition(partition, num_stages))
-  w = windows_lib.stage_windows(num_stages, boundaries, gammas[::-1], schedule)
+  w = windows_lib.stage_windows(num_stages, boundaries, correlations[::-1], noise_schedule)
   return Pyramid(windows=tuple((float(s), float(e)) for s, e in w),
                  spatial_factors=spatial_factors, temporal_factors=temporal_factors,
-                 gammas=tuple(gammas), diffusion=diffusion)
+                 correlations=tuple(correlations), diffusion=diffusion)

@@ -58,7 +58,7 @@ def unpatchify(tokens, p: int, h: int, w: int):
   return x.reshape(*lead, h, w, c)
 
 
-def patch_start_mean(tokens, p: int):
+def patch_clean_start(tokens, p: int):
   """Up(Down(., 2)) applied inside each token: the start mean Û implied by clean tokens D̂.
 
   Because the patch side ``p`` is even, the 2x2 blocks of Down/Up never straddle two tokens, so
@@ -72,7 +72,7 @@ def patch_start_mean(tokens, p: int):
     same shape and dtype.
   """
   if p % 2:
-    raise ValueError(f"patch_start_mean needs an even patch size, got {p}")
+    raise ValueError(f"patch_clean_start needs an even patch size, got {p}")
   *lead, n, size = tokens.shape
   patches = tokens.reshape(*lead, n, p, p, size // (p * p))
   return resample.up(resample.down(patches, 2), 2).reshape(tokens.shape)

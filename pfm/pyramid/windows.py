@@ -11,7 +11,7 @@ the start ``x̂_{s_k}`` of the next stage. Matching covariances for a block of u
 whose corrective noise has in-block correlation ``gamma`` (Pyramidal Flow Appendix A, Eqs. 21-25;
 TPDiff Appendix A.1, Eqs. 18-20) ties the two times together: the noise-to-signal ratio
 rho = sigma/gamma_t at ``e_{k+1}`` must be ``sqrt(-gamma / (1 - gamma))`` times the ratio at
-``s_k``. This holds for any schedule (``pfm.pyramid.schedules``). For flow matching it is
+``s_k``. This holds for any schedule (``pfm.pyramid.diffusions``). For flow matching it is
 Pyramidal Flow Eq. (25), for gamma = -1/3 Eq. (26), ``e_{k+1} = 2 s_k / (1 + s_k)``, and for
 gamma = -1 TPDiff Eq. (21), ``e = sqrt(2) s / (1 - s + sqrt(2) s)``.
 """
@@ -24,47 +24,50 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pfm.pyramid import schedules as schedules_lib
+from pfm.pyramid import diffusions
 
-MIN_SPATIAL_GAMMA = -1.0 / 3.0  # lower bound for a 2x2 block: Sigma' stays semidefinite (Eq. 14).
+# The lower bound of the in-block correlation for a 2x2 block: Sigma' stays semidefinite (Eq. 14).
+MIN_SPATIAL_CORRELATION = -1.0 / 3.0
 
 
-def jump_ratio(gamma: float) -> float:
+def jump_ratio(correlation: float) -> float:
   """sqrt(-gamma / (1 - gamma)): rho(end of coarser stage) / rho(start of next stage).
 
   Derived from the diagonal and off-diagonal equations of the covariance match (Pyramidal Flow
   Eqs. 23-24, TPDiff Eqs. 18-19). 1/2 for the spatial gamma = -1/3, 1/sqrt(2) for the temporal
   gamma = -1, 1/sqrt(m) for the smallest gamma -1/(m - 1) of any m-element block.
   """
-  if not -1.0 - 1e-12 <= gamma <= 0.0:
-    raise ValueError(f"gamma must lie in [-1, 0], got {gamma}")
-  return math.sqrt(-gamma / (1.0 - gamma))
+  if not -1.0 - 1e-12 <= correlation <= 0.0:
+    raise ValueError(f"the in-block correlation must lie in [-1, 0], got {correlation}")
+  return math.sqrt(-correlation / (1.0 - correlation))
 
 
-def jump_end(start: float, gamma: float, schedule: schedules_lib.Schedule) -> float:
-  """e_{k+1} for a given s_k: rho(e_{k+1}) = jump_ratio(gamma) * rho(s_k).
+def jump_end(start: float, correlation: float, noise_schedule: diffusions.NoiseSchedule) -> float:
+  """e_{k+1} for a given s_k: rho(e_{k+1}) = jump_ratio(correlation) * rho(s_k).
 
   Flow matching: Pyramidal Flow Eq. (25) (= 2s/(1+s) at gamma = -1/3), TPDiff Eq. (21) at
   gamma = -1. Any other schedule: the same relation on its noise-to-signal ratio.
   """
   if start <= 0.0:
     return 0.0
-  return float(schedule.time_at(jump_ratio(gamma) * schedule.noise_to_signal(float(start))))
+  rho_start = noise_schedule.noise_to_signal(float(start))
+  return float(noise_schedule.time_at(jump_ratio(correlation) * rho_start))
 
 
-def jump_start(end: float, gamma: float, schedule: schedules_lib.Schedule) -> float:
-  """Inverse of :func:`jump_end`: s_k given e_{k+1} (= e / (2 - e) at gamma = -1/3, flow matching)."""
-  c = jump_ratio(gamma)
+def jump_start(end: float, correlation: float, noise_schedule: diffusions.NoiseSchedule) -> float:
+  """Inverse of :func:`jump_end`: s_k given e_{k+1} (e / (2 - e) at gamma = -1/3, flow matching)."""
+  c = jump_ratio(correlation)
   if c == 0.0 or end <= 0.0:
     return 0.0
-  rho = float(schedule.noise_to_signal(float(end))) / c
-  if rho > schedule.max_noise_to_signal:
+  rho = float(noise_schedule.noise_to_signal(float(end))) / c
+  if rho > noise_schedule.max_noise_to_signal:
     raise ValueError(
-        f"a stage ending at t={end:.4f} is too noisy to jump from with gamma={gamma:.4f}: the "
-        f"next stage would have to start at a noise-to-signal ratio {rho:.1f}, beyond the "
-        f"schedule's largest {schedule.max_noise_to_signal:.1f}; give the coarser stages a "
-        "longer part of the time axis (partition)")
-  return float(schedule.time_at(rho))
+        f"a stage ending at t={end:.4f} is too noisy to jump from with correlation="
+        f"{correlation:.4f}: the next stage would have to start at a noise-to-signal ratio "
+        f"{rho:.1f}, beyond the noise schedule's largest "
+        f"{noise_schedule.max_noise_to_signal:.1f}; give the coarser stages a longer part of the "
+        "time axis (partition)")
+  return float(noise_schedule.time_at(rho))
 
 
 def partition_boundaries(partition: Sequence[float]) -> tuple[float, ...]:
@@ -89,8 +92,8 @@ def partition_boundaries(partition: Sequence[float]) -> tuple[float, ...]:
 def stage_windows(
     num_stages: int,
     boundaries: Sequence[float] | None,
-    gamma: float | Sequence[float],
-    schedule: schedules_lib.Schedule,
+    correlation: float | Sequence[float],
+    noise_schedule: diffusions.NoiseSchedule,
 ) -> np.ndarray:
   """Time windows ``[s_k, e_k]`` of all stages.
 
@@ -101,24 +104,25 @@ def stage_windows(
       the uniform split ``(1/K, 2/K, ...)``. The start of each finer stage follows from the jump
       point relation (Eq. 25), so windows overlap: for K = 3, uniform, gamma = -1/3 the windows
       are ``[0, 1/3], [0.2, 2/3], [0.5, 1]`` for k = 2, 1, 0.
-    gamma: in-block correlation of the corrective noise, in ``[-1, 0]`` (its lower bound for a
+    correlation: in-block correlation of the corrective noise, in ``[-1, 0]`` (its lower bound for a
       given block, -1/(m - 1), is checked by ``pfm.pyramid.stages``): one value for every jump,
       or K - 1 values in sampling order (the jump out of stage K - 1 first).
-    schedule: the diffusion's signal/noise coefficients (``pfm.pyramid.schedules``).
+    noise_schedule: the diffusion's signal/noise coefficients (``pfm.pyramid.diffusions``).
 
   Returns:
     float64 ``[K, 2]`` array; row k is ``(s_k, e_k)``.
 
   Raises:
     ValueError: for a wrong number of boundaries, boundaries outside (0, 1) or not increasing, or
-      gamma outside [-1, 0].
+      correlation outside [-1, 0].
   """
   if num_stages < 1:
     raise ValueError(f"num_stages must be >= 1, got {num_stages}")
-  gammas = (list(gamma) if isinstance(gamma, Sequence) else [gamma] * (num_stages - 1))
-  if len(gammas) != num_stages - 1:
-    raise ValueError(f"need one gamma per jump ({num_stages - 1}), got {gamma}")
-  for g in gammas:
+  correlations = (list(correlation) if isinstance(correlation, Sequence)
+                  else [correlation] * (num_stages - 1))
+  if len(correlations) != num_stages - 1:
+    raise ValueError(f"need one correlation per jump ({num_stages - 1}), got {correlation}")
+  for g in correlations:
     jump_ratio(g)  # checks the range
   if boundaries is None:
     boundaries = [j / num_stages for j in range(1, num_stages)]
@@ -133,6 +137,6 @@ def stage_windows(
   ends = [1.0] + boundaries[::-1]  # ends[k] = e_k: e_0 = 1, e_{K-1} = boundaries[0].
   for k in range(num_stages):
     windows[k, 1] = ends[k]
-    if k < num_stages - 1:  # the jump from stage k + 1 into stage k is gammas[K - 2 - k]
-      windows[k, 0] = jump_start(ends[k + 1], gammas[num_stages - 2 - k], schedule)
+    if k < num_stages - 1:  # the jump from stage k + 1 into stage k is correlations[K - 2 - k]
+      windows[k, 0] = jump_start(ends[k + 1], correlations[num_stages - 2 - k], noise_schedule)
   return windows

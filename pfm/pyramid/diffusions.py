@@ -1,11 +1,12 @@
-"""Signal and noise coefficients of the two diffusion forms: x_t = gamma_t x + sigma_t n.
+"""The two diffusion forms: their noise schedules x_t = gamma_t x + sigma_t n and native targets.
 
 TPDiff (Ran & Shou), Eq. (6), writes every diffusion framework this way; the stage-wise
-equations of ``pfm.pyramid.paths`` take any such schedule. Project convention: t in [0, 1],
+equations of ``pfm.pyramid.paths`` take any such noise schedule. Project convention: t in [0, 1],
 t = 0 is noise and t = 1 is data (the pyramidal-flow paper's; TPDiff counts the other way, so its
 t maps to 1 - t here).
 
-* ``FlowMatching``: gamma_t = t, sigma_t = 1 - t (Pyramidal Flow Eq. 6; TPDiff Eq. 4 with t -> 1 - t).
+* ``FlowMatching``: gamma_t = t, sigma_t = 1 - t (Pyramidal Flow Eq. 6; TPDiff Eq. 4 with
+  t -> 1 - t).
 * ``VariancePreserving``: gamma_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t) (TPDiff
   Eq. 1 and Sec. 3.4, the DDIM form) with the cosine schedule of Nichol & Dhariwal (2021) in
   continuous time, alpha_bar_t = sin^2(pi/2 * u_t), u_t = u_0 + (1 - u_0) t. Like every discrete
@@ -14,7 +15,12 @@ t maps to 1 - t here).
   stay finite; the sampler still starts from N(0, sigma_0^2 I).
 
 The jump relation between stages (``pfm.pyramid.windows``) is a statement about the
-noise-to-signal ratio rho_t = sigma_t / gamma_t, so each schedule gives rho and its inverse.
+noise-to-signal ratio rho_t = sigma_t / gamma_t, so each noise schedule gives rho and its inverse.
+
+A diffusion form (``Diffusion``, by name with ``get``) is a noise schedule with the target its
+network can predict directly, sampled by its own integrator: ``"flow_matching"``
+(``FlowMatching``, velocity, Euler) or ``"ddim"`` (``VariancePreserving``, epsilon, DDIM), TPDiff
+Sec. 3.4's two frameworks.
 All methods accept Python floats and NumPy arrays (computed in float64 with NumPy, as the stage
 windows are) and JAX arrays, traced or not (computed with ``jax.numpy``, jit-able).
 """
@@ -37,8 +43,6 @@ def _xp(x):
 @dataclasses.dataclass(frozen=True)
 class FlowMatching:
   """Rectified flow: gamma_t = t, sigma_t = 1 - t."""
-
-  name = "flow_matching"
 
   def signal(self, t):
     """gamma_t = t."""
@@ -71,7 +75,6 @@ class VariancePreserving:
   """
 
   min_alpha_bar: float = 1e-3
-  name = "ddim"
 
   @property
   def _u0(self) -> float:
@@ -112,18 +115,40 @@ class VariancePreserving:
     return xp.clip((u - self._u0) / (1.0 - self._u0), 0.0, 1.0)
 
 
-Schedule = FlowMatching | VariancePreserving
-DIFFUSIONS = ("flow_matching", "ddim")
+NoiseSchedule = FlowMatching | VariancePreserving
 
 
-def get_schedule(diffusion: str) -> Schedule:
-  """The schedule of a diffusion form: ``"flow_matching"`` or ``"ddim"``.
+@dataclasses.dataclass(frozen=True)
+class Diffusion:
+  """A diffusion form: a noise schedule and the stage target a network may output in place of
+  the clean data. Its sampler follows from the noise schedule
+  (``pfm.pyramid.samplers.integrate_stage``: Euler for flow matching, DDIM otherwise).
+
+  Attributes:
+    name: ``"flow_matching"`` or ``"ddim"``.
+    noise_schedule: gamma_t and sigma_t.
+    native_prediction: ``"velocity"`` (flow matching, Pyramidal Flow Eq. 11) or ``"epsilon"``
+      (DDIM, the stage noise eps_k of TPDiff Eq. 11).
+  """
+
+  name: str
+  noise_schedule: NoiseSchedule
+  native_prediction: str
+
+
+DIFFUSIONS = {
+    "flow_matching": Diffusion("flow_matching", FlowMatching(), "velocity"),
+    "ddim": Diffusion("ddim", VariancePreserving(), "epsilon"),
+}
+NAMES = tuple(DIFFUSIONS)
+
+
+def get(name: str) -> Diffusion:
+  """The diffusion form called ``name``: ``"flow_matching"`` or ``"ddim"``.
 
   Raises:
     ValueError: for any other name.
   """
-  if diffusion == "flow_matching":
-    return FlowMatching()
-  if diffusion == "ddim":
-    return VariancePreserving()
-  raise ValueError(f"unknown diffusion {diffusion!r}; use one of {DIFFUSIONS}")
+  if name not in DIFFUSIONS:
+    raise ValueError(f"unknown diffusion {name!r}; use one of {NAMES}")
+  return DIFFUSIONS[name]
