@@ -18,6 +18,7 @@ setup(
         "grain>=0.2.18,<0.3",
         "ml_collections>=1.1,<2",
         "tensorflow-datasets>=4.9.10,<5",
+        "importlib_resources",  # tensorflow-datasets needs it to build a dataset defined in a package
         "clu>=0.0.12,<0.1",
         # CLU's metric writers and periodic actions import TensorFlow and TensorBoard.
         "tensorflow-cpu>=2.21,<2.22",
@@ -27,6 +28,8 @@ setup(
         "scikit-video==1.1.11",
         "numpy>=2,<3",
         "scipy>=1.13",
+        # Its handwritten digits (UCI optdigits, in the wheel) make the Moving Digits dataset.
+        "scikit-learn>=1.4",
         "pillow>=10",
         "tqdm>=4.66",
         "absl-py>=2",

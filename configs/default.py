@@ -31,6 +31,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Input: manifests of {"video"|"image": path, "text": caption}; "" = the default videos.
   c.data = ml_collections.ConfigDict()
   c.data.manifest = ""
+  # "moving_digits": Moving Digits (pfm/data/moving_digits.py) instead of a manifest: real
+  # handwritten digits (scikit-learn's) moving and bouncing, captioned with digit and direction.
+  c.data.dataset = ""
+  c.data.moving_digits = ml_collections.ConfigDict()
+  c.data.moving_digits.num_clips = 1000  # training clips (the "train" split's source digits)
+  c.data.moving_digits.max_digits = 2    # 1 or 2 digits per clip
+  c.data.moving_digits.digit_size = 0    # pixels; 0 = half the frame height
+  c.data.moving_digits.speed = 1         # pixels per frame along each moving axis
+  c.data.moving_digits.seed = 0          # the dataset's seed (independent of the run's seed)
   c.data.height = 64
   c.data.width = 64
   c.data.num_frames = 16        # frame units per clip (a unit is one frame)

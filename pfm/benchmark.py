@@ -120,6 +120,10 @@ def _variant(config, spatial: bool, frame_rate_schedule: str, partition: str,
   c.pyramid.stage_weights = (1.0,) * c.pyramid.num_stages
   c.sample.total_steps = total_steps  # split over the stages as the partition splits time
   c.sample.steps_per_stage = ()
+  # One clip per row (the rows are not packed here): a row must hold a full-size clip.
+  p = c.model.patch_size
+  c.data.max_tokens = max(c.data.max_tokens,
+                          c.data.num_frames * (c.data.height // p) * (c.data.width // p))
   return validation.validate(c)
 
 

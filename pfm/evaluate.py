@@ -17,9 +17,7 @@ import numpy as np
 
 from pfm import errors
 from pfm import sample as sample_lib
-from pfm.data import manifest as manifest_lib
 from pfm.data import pipeline
-from pfm.data import video as video_lib
 
 FLAGS = flags.FLAGS
 
@@ -53,7 +51,7 @@ def prompt_to_video(sampler: sample_lib.Sampler, records: list[dict], *, seed: i
   """
   cfg = sampler.config
   size = (cfg.data.height, cfg.data.width)
-  references = [video_lib.load_video(manifest_lib.record_path(r), size) for r in records]
+  references = [pipeline.record_frames(r, size) for r in records]
   generated = [sampler.generate(r["text"], seed=seed + n, progress=False, **generate_kwargs)
                for n, r in enumerate(records)]
   distances, assigned = nearest_video_assignment(generated, references)
@@ -68,7 +66,7 @@ def main(argv):
   del argv
   errors.quiet_library_tracebacks()
   sampler = sample_lib.Sampler.from_workdir(FLAGS.workdir, FLAGS.step)
-  records, _ = pipeline.load_records(sampler.spec)
+  records = pipeline.load_records(sampler.spec)[0][:sampler.config.sample.num_videos]
   result, _ = prompt_to_video(sampler, records, seed=FLAGS.seed)
   print(json.dumps(result, indent=2))
   with open(os.path.join(FLAGS.workdir, "prompt_to_video.json"), "w") as f:

@@ -31,6 +31,12 @@ OPTIONAL_FIELDS: dict[str, Any] = {
     "data.num_shards": 0,             # 0: one shard per process
     "data.num_threads": 2,            # threads making samples in each process
     "data.num_packing_bins": 0,       # rows packed at once; 0: 4 * batch_size
+    "data.dataset": "",               # "": the manifest; "moving_digits"
+    "data.moving_digits.num_clips": 1000,
+    "data.moving_digits.max_digits": 2,
+    "data.moving_digits.digit_size": 0,  # 0: half the frame height
+    "data.moving_digits.speed": 1,
+    "data.moving_digits.seed": 0,
     "pyramid.spatial": True,
     "pyramid.frame_rate_schedule": "",
     "pyramid.partition": "",

@@ -1,5 +1,8 @@
 """The training input pipeline: manifest -> clean pyramid layout -> packed token rows (grain).
 
+The records are a manifest's videos and images, or with ``data.dataset = "moving_digits"`` the
+clips of Moving Digits (``pfm.data.moving_digits``), rendered instead of decoded.
+
 Per example (deterministic for the seed, grain ``random_map``): pick a clip of ``num_frames``
 frames at ``frame_stride`` (center crop, resized) and the stage ``k`` with probability
 proportional to ``stage_weights[k]``. In the autoregressive mode, pick the current unit ``i``
@@ -50,12 +53,14 @@ from pfm import spec as spec_lib
 from pfm.data import alignment
 from pfm.data import layout
 from pfm.data import manifest as manifest_lib
+from pfm.data import moving_digits as moving_digits_lib
 from pfm.data import text as text_lib
 from pfm.data import video
 
 VIDEO_FIELDS = ("clean_end", "clean_start", "causal_block", "positions", "stage", "is_target",
                 "temporal_positions", "temporal_block_offset")
 _MIN_SHUFFLE_DOMAIN = 4096
+DATASETS = ("", "moving_digits")  # "": config.data.manifest (or the default videos)
 
 # Skips in this process: the validation report of the last ``create_dataset`` call and the
 # files that failed to decode mid-run (in grain worker processes these are logged, not seen here).
@@ -93,6 +98,7 @@ def check_spec(spec: spec_lib.RunSpec) -> int:
         data.num_frames, height=data.height, width=data.width,
         patch_size=config.model.patch_size, num_stages=num_stages)
     what = f"last of {data.num_frames} units at stage 0"
+  _check_dataset(config)
   if worst > data.max_tokens:
     raise ValueError(
         f"config.data.max_tokens={data.max_tokens} is too small: the worst-case sample "
@@ -111,6 +117,48 @@ def check_spec(spec: spec_lib.RunSpec) -> int:
   if data.num_frames < 1 or data.frame_stride < 1 or data.batch_size < 1:
     raise ValueError("config.data.num_frames, frame_stride and batch_size must be >= 1")
   return worst
+
+
+def _check_dataset(config) -> None:
+  """The ``data.dataset`` fields."""
+  data = config.data
+  if data.dataset not in DATASETS:
+    raise ValueError(f"config.data.dataset={data.dataset!r} is not one of {DATASETS}")
+  if data.dataset != "moving_digits":
+    return
+  if data.manifest:
+    raise ValueError(f"config.data.manifest={data.manifest!r} and config.data.dataset="
+                     "'moving_digits' exclude each other: set one")
+  if data.height != data.width:
+    raise ValueError(f"config.data.height={data.height} and width={data.width}: Moving Digits "
+                     "clips are square")
+  try:
+    moving_digits(config)
+  except ValueError as e:
+    raise ValueError(f"config.data.moving_digits: {e}") from None
+
+
+def moving_digits(config, split: str = "train") -> moving_digits_lib.MovingDigits:
+  """The Moving Digits split of a config (``data.dataset == "moving_digits"``): clips of the
+  frames a training clip spans (``(num_frames - 1) * frame_stride + 1``) at the frame size."""
+  data, digits = config.data, config.data.moving_digits
+  span = (data.num_frames - 1) * data.frame_stride + 1
+  return moving_digits_lib.MovingDigits(
+      split=split, num_clips=digits.num_clips, num_frames=span, size=data.height,
+      digit_size=digits.digit_size or data.height // 2, max_digits=digits.max_digits,
+      speed=digits.speed, seed=digits.seed)
+
+
+def record_frames(record: dict, size: tuple[int, int]) -> np.ndarray:
+  """All frames of a record, uint8 ``[N, height, width, 3]``: decoded (``video.load_video``) or,
+  for Moving Digits, rendered (already at the config's size).
+
+  Raises:
+    video.VideoReadError: if a file cannot be decoded.
+  """
+  if moving_digits_lib.is_record(record):
+    return moving_digits_lib.record_frames(record)
+  return video.load_video(manifest_lib.record_path(record), size)
 
 
 def load_records(spec: spec_lib.RunSpec, *, shard_index: int = 0,
@@ -134,7 +182,11 @@ def load_records(spec: spec_lib.RunSpec, *, shard_index: int = 0,
   """
   config = spec.config
   path = config.data.manifest
-  if path:
+  digits = config.data.dataset == "moving_digits"
+  if digits:
+    records, report = moving_digits_lib.records(moving_digits(config)), None
+    source = "moving digits (train split)"
+  elif path:
     (records, report), source = manifest_lib.load_manifest(path), path
   else:
     records, report = manifest_lib.default_manifest(), None
@@ -148,8 +200,11 @@ def load_records(spec: spec_lib.RunSpec, *, shard_index: int = 0,
     logging.warning("%s has %d records for %d shards: every shard reads all of them.", source,
                     len(records), shard_count)
   min_frames = (config.data.num_frames - 1) * config.data.frame_stride + 1
-  records, report = manifest_lib.validate_records(records, min_frames=min_frames, source=source,
-                                                  report=report)
+  if digits:  # rendered, nothing to probe
+    report = manifest_lib.SkipReport(source=source, total=len(records), usable=len(records))
+  else:
+    records, report = manifest_lib.validate_records(records, min_frames=min_frames,
+                                                    source=source, report=report)
   budget = config.data.caption_length
   num_cut = sum(not text_lib.caption_fits(r.get("text", ""), budget) for r in records)
   if num_cut:
@@ -189,11 +244,12 @@ class MakeSample(grain.transforms.RandomMap):
     return state
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
-    path = manifest_lib.record_path(element)
+    path = (moving_digits_lib.record_name(element) if moving_digits_lib.is_record(element)
+            else manifest_lib.record_path(element))
     if path in self._bad_paths:
       return None
     try:
-      frames = video.load_video(path, self.size)
+      frames = record_frames(element, self.size)
       span = (self.num_frames - 1) * self.frame_stride + 1
       if "image" in element:
         clip = frames[:1]
