@@ -5,7 +5,7 @@ Eqs. 9-10, TPDiff Eqs. 7-8, project convention t = 0 noise, t = 1 data):
 
     x̂_{s_k} = gamma_{s_k} Up(Down(D)) + sigma_{s_k} n,     x̂_{e_k} = gamma_{e_k} D + sigma_{e_k} n,
 
-with D the clean data at stage k's size and (gamma_t, sigma_t) the schedule
+with D the clean data at stage k's size and (gamma_t, sigma_t) the noise schedule
 (``pfm.pyramid.diffusions``). Inside the stage (TPDiff Sec. 3.3-3.4, Algorithm 2):
 
 * flow matching: a complete flow between the endpoints, x̂_t = (1 - t') x̂_s + t' x̂_e with

@@ -11,7 +11,7 @@ the start ``x̂_{s_k}`` of the next stage. Matching covariances for a block of u
 whose corrective noise has in-block correlation ``gamma`` (Pyramidal Flow Appendix A, Eqs. 21-25;
 TPDiff Appendix A.1, Eqs. 18-20) ties the two times together: the noise-to-signal ratio
 rho = sigma/gamma_t at ``e_{k+1}`` must be ``sqrt(-gamma / (1 - gamma))`` times the ratio at
-``s_k``. This holds for any schedule (``pfm.pyramid.diffusions``). For flow matching it is
+``s_k``. This holds for any noise schedule (``pfm.pyramid.diffusions``). For flow matching it is
 Pyramidal Flow Eq. (25), for gamma = -1/3 Eq. (26), ``e_{k+1} = 2 s_k / (1 + s_k)``, and for
 gamma = -1 TPDiff Eq. (21), ``e = sqrt(2) s / (1 - s + sqrt(2) s)``.
 """
@@ -46,7 +46,7 @@ def jump_end(start: float, correlation: float, noise_schedule: diffusions.NoiseS
   """e_{k+1} for a given s_k: rho(e_{k+1}) = jump_ratio(correlation) * rho(s_k).
 
   Flow matching: Pyramidal Flow Eq. (25) (= 2s/(1+s) at gamma = -1/3), TPDiff Eq. (21) at
-  gamma = -1. Any other schedule: the same relation on its noise-to-signal ratio.
+  gamma = -1. Any other noise schedule: the same relation on its noise-to-signal ratio.
   """
   if start <= 0.0:
     return 0.0
