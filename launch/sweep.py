@@ -9,13 +9,13 @@ A config module may define, next to ``get_config(arg)``,
     def sweep(arg: str | None) -> list[dict[str, Any]]
 
 returning flat override dicts such as ``{"optimizer.learning_rate": 1e-4,
-"pyramid.partition": "2-1-1"}``; ``arg`` is the part of ``--config`` after the colon, as for
-``get_config``. Each dict becomes
+"pyramid.partition": "2-1-1"}``, or ``(run_name, overrides)`` pairs that name their runs;
+``arg`` is the part of ``--config`` after the colon, as for ``get_config``. Each dict becomes
 
     python -m pfm.train --config=FILE:ARG --config.KEY=VALUE ... --workdir=WORKDIR/RUN_NAME [EXTRA]
 
-where RUN_NAME lists the overrides (``optimizer.learning_rate=0.0001,pyramid.partition=2-1-1``)
-in filesystem-safe characters, so ``tensorboard --logdir WORKDIR`` shows one curve per run.
+where RUN_NAME is the given name or lists the overrides
+(``optimizer.learning_rate=0.0001,pyramid.partition=2-1-1``), in filesystem-safe characters, so ``tensorboard --logdir WORKDIR`` shows one curve per run.
 Values are written as ml_collections' ``config_flags`` parses them back for the field's type
 (floats and ints as Python literals, bools as true/false, strings verbatim, tuples as
 ``(1.0,2.0,1.0)``), and every key and value type is checked against ``get_config(ARG)`` before
@@ -177,15 +177,24 @@ def expand(config: str) -> list[Run]:
     raise ValueError(f"{path}: sweep({arg!r}) returned no runs")
   base = module.get_config(arg) if arg is not None else module.get_config()
   runs: list[Run] = []
-  for i, overrides in enumerate(entries):
+  for i, entry in enumerate(entries):
+    given_name = None
+    if (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)
+        and isinstance(entry[1], Mapping)):
+      given_name, overrides = entry
+    else:
+      overrides = entry
     if not isinstance(overrides, Mapping):
       raise TypeError(f"{path}: sweep({arg!r})[{i}] is a {type(overrides).__name__}, "
-                       "not a dict of overrides")
+                       "not a dict of overrides or a (name, overrides) pair")
     overrides = dict(overrides)
     _check_types(base, overrides, f"{path}: sweep({arg!r})[{i}]")
     if any(r.overrides == overrides for r in runs):
       raise ValueError(f"{path}: sweep({arg!r}) lists {overrides} twice")
-    name = base_name = run_name(overrides)
+    if given_name is not None and not given_name.strip():
+      raise ValueError(f"{path}: sweep({arg!r})[{i}] has an empty run name")
+    name = base_name = (run_name(overrides) if given_name is None
+                        else _UNSAFE.sub("_", given_name)[:_MAX_NAME])
     suffix = 2
     while any(r.name == name for r in runs):  # distinct overrides, same name after sanitising
       name, suffix = f"{base_name}_{suffix}", suffix + 1

@@ -1,10 +1,23 @@
-r"""Does a sample come from its prompted video? ``python -m pfm.evaluate --workdir=runs/demo``.
+r"""Scores of a trained model's samples: ``python -m pfm.evaluate --workdir=runs/demo``.
 
-For each manifest record, generate a video from its caption and assign it to the training video
-whose frames are nearest in pixel distance: the distance from a generated video to a training video
-is the mean, over generated frames, of the mean squared pixel error to the nearest frame of that
-training video (all its frames, at the training resolution). The score is the fraction of prompts
-assigned to their own video; chance is 1 / (number of videos).
+Generates one video per evaluation caption and scores the set, with metrics that need no
+download (``pfm.metrics``):
+
+* **Real videos** (a manifest, or the default videos): the *prompt-to-video accuracy* (each
+  generated video is assigned to the training video whose frames are nearest in pixel distance:
+  the mean, over generated frames, of the mean squared error to the nearest frame of that video;
+  the score is the fraction of prompts assigned to their own video, chance 1 / number of videos)
+  and the *sliced Wasserstein distance* of Laplacian-pyramid patches (``pfm.metrics.swd``)
+  between the generated frames and the frames of the captions' videos (every frame, at the
+  training resolution: for the three default videos these are the training videos themselves).
+* **Moving Digits** (``data.dataset = "moving_digits"``): the captions of the first
+  ``num_prompts`` clips of the *test* split, scored by ``pfm.metrics.digits`` (prompt accuracy,
+  identity consistency, direction accuracy, motion smoothness) with a digit classifier cached in
+  the workdir (``digit_classifier.npz``; trained there in seconds if missing), the Fréchet
+  distance in that classifier's features and the sliced Wasserstein distance, both against the
+  test split's first ``max(num_prompts, 64)`` real clips (held-out handwriting).
+
+Writes ``metrics.json`` (``--output``, default in the workdir) and prints it.
 """
 
 from __future__ import annotations
@@ -14,12 +27,18 @@ import os
 
 from absl import app, flags, logging
 import numpy as np
+from tqdm.auto import tqdm
 
 from pfm import errors
 from pfm import sample as sample_lib
+from pfm import spec as spec_lib
 from pfm.data import pipeline
+from pfm.metrics import digits as digits_lib
+from pfm.metrics import swd as swd_lib
 
 FLAGS = flags.FLAGS
+METRICS_FILE = "metrics.json"
+MIN_DIGIT_REFERENCES = 64  # real test clips the Fréchet distance and the SWD compare with
 
 
 def video_distance(generated: np.ndarray, reference: np.ndarray) -> float:
@@ -41,43 +60,121 @@ def nearest_video_assignment(generated: list[np.ndarray], references: list[np.nd
   return d, np.argmin(d, axis=1)
 
 
-def prompt_to_video(sampler: sample_lib.Sampler, records: list[dict], *, seed: int = 0, **generate_kwargs) -> dict:
-  """Generates one video per record caption and assigns each to its nearest training video.
+def is_moving_digits(spec: spec_lib.RunSpec) -> bool:
+  return spec.config.data.dataset == "moving_digits"
+
+
+def evaluation_records(spec: spec_lib.RunSpec, num_prompts: int) -> list[dict]:
+  """The records whose captions are evaluated: the first ``num_prompts`` of the training
+  records (real videos) or of the Moving Digits test split."""
+  if is_moving_digits(spec):
+    test = pipeline.moving_digits(spec.config, "test")
+    return [{"index": i, "text": test[i]["text"]} for i in range(min(num_prompts, len(test)))]
+  return pipeline.load_records(spec)[0][:num_prompts]
+
+
+def _digit_clip(spec: spec_lib.RunSpec, clip: dict) -> np.ndarray:
+  """A test clip's frames as a training clip takes them (every ``frame_stride``-th)."""
+  data = spec.config.data
+  return clip["frames"][::data.frame_stride][:data.num_frames]
+
+
+def classifier_settings(spec: spec_lib.RunSpec) -> digits_lib.ClassifierSettings:
+  """The digit classifier a Moving Digits run is scored with: its frame and digit sizes."""
+  data = spec.config.data
+  return digits_lib.ClassifierSettings(
+      digit_size=data.moving_digits.digit_size or data.height // 2, size=data.height)
+
+
+def generate(sampler: sample_lib.Sampler, records: list[dict], *, seed: int = 0,
+             progress: bool = False, **generate_kwargs) -> list[np.ndarray]:
+  """One video per record caption (seed ``seed + n`` for the n-th), uint8 ``[T, H, W, 3]``."""
+  return [sampler.generate(r["text"], seed=seed + n, progress=False, **generate_kwargs)
+          for n, r in enumerate(tqdm(records, desc="prompts", disable=not progress))]
+
+
+def score(spec: spec_lib.RunSpec, records: list[dict], videos: list[np.ndarray], *,
+          classifier: digits_lib.DigitClassifier | None = None) -> dict:
+  """Every metric of ``videos`` generated from the captions of ``records``.
+
+  Args:
+    spec: the run's spec.
+    records: from `evaluation_records`.
+    videos: uint8 ``[T, H, W, 3]``, one per record.
+    classifier: the digit classifier (Moving Digits; None = trained now).
 
   Returns:
-    ``(result, videos)``: the generated uint8 videos and a JSON-able dict: ``accuracy`` (fraction of prompts landing on their own video), ``hits``,
-    ``num_prompts``, ``assignment`` (per prompt: own record index -> assigned index) and the
-    ``distances`` matrix.
+    A JSON-able dict. Real videos: ``prompt_to_video_accuracy``, ``hits``, ``assignment``
+    (per prompt, the assigned record index), ``distances`` ``[G, R]``, ``swd`` (the per-level
+    and ``avg`` SWD x 10^3). Moving Digits: ``prompt_accuracy``, ``identity_consistency``,
+    ``direction_accuracy``, ``motion_smoothness``, ``frechet_distance``, ``swd``, ``per_clip``.
+    Both: ``num_prompts`` and ``captions``.
   """
-  cfg = sampler.config
-  size = (cfg.data.height, cfg.data.width)
-  references = [pipeline.record_frames(r, size) for r in records]
-  generated = [sampler.generate(r["text"], seed=seed + n, progress=False, **generate_kwargs)
-               for n, r in enumerate(records)]
-  distances, assigned = nearest_video_assignment(generated, references)
-  hits = int(np.sum(assigned == np.arange(len(records))))
-  result = dict(accuracy=hits / len(records), hits=hits, num_prompts=len(records),
-                assignment=[int(a) for a in assigned], distances=distances.round(5).tolist(),
-                captions=[r["text"] for r in records])
-  return result, generated
+  cfg = spec.config
+  result = {"num_prompts": len(records), "captions": [r["text"] for r in records]}
+  frames = np.concatenate(videos)
+  if is_moving_digits(spec):
+    test = pipeline.moving_digits(cfg, "test")
+    reference_clips = [_digit_clip(spec, test[i])
+                       for i in range(min(len(test), max(len(records), MIN_DIGIT_REFERENCES)))]
+    captions = [test[r["index"]] for r in records]
+    classifier = classifier or digits_lib.train_classifier(classifier_settings(spec))
+    result |= digits_lib.score_clips(classifier, videos, captions, reference_clips,
+                                     classifier.settings.digit_size)
+    references = np.concatenate(reference_clips)
+  else:
+    size = (cfg.data.height, cfg.data.width)
+    reference_videos = [pipeline.record_frames(r, size) for r in records]
+    distances, assigned = nearest_video_assignment(videos, reference_videos)
+    hits = int(np.sum(assigned == np.arange(len(records))))
+    result |= dict(prompt_to_video_accuracy=hits / len(records), hits=hits,
+                   assignment=[int(a) for a in assigned], distances=distances.round(5).tolist())
+    references = np.concatenate(reference_videos)
+  result["swd"] = swd_lib.sliced_wasserstein(frames, references)
+  return result
+
+
+def scalars(result: dict) -> dict[str, float]:
+  """The headline numbers of a `score` result, as ``eval/...`` scalars for the metric writers."""
+  names = ("prompt_to_video_accuracy", "prompt_accuracy", "identity_consistency",
+           "direction_accuracy", "motion_smoothness", "frechet_distance")
+  out = {f"eval/{name}": float(result[name]) for name in names if name in result}
+  out |= {f"eval/swd_{level}": float(v) for level, v in result["swd"].items()}
+  return out
+
+
+def summary(result: dict) -> str:
+  """One line of the headline numbers."""
+  return ", ".join(f"{k.removeprefix('eval/')}={v:.4g}" for k, v in scalars(result).items())
 
 
 def main(argv):
   del argv
   errors.quiet_library_tracebacks()
   sampler = sample_lib.Sampler.from_workdir(FLAGS.workdir, FLAGS.step)
-  records = pipeline.load_records(sampler.spec)[0][:sampler.config.sample.num_videos]
-  result, _ = prompt_to_video(sampler, records, seed=FLAGS.seed)
+  spec = sampler.spec
+  records = evaluation_records(spec, FLAGS.num_prompts or spec.config.sample.num_videos)
+  classifier = None
+  if is_moving_digits(spec):
+    path = FLAGS.classifier or os.path.join(FLAGS.workdir, digits_lib.FILENAME)
+    classifier = digits_lib.load_or_train(path, classifier_settings(spec))
+  videos = generate(sampler, records, seed=FLAGS.seed, progress=True)
+  result = score(spec, records, videos, classifier=classifier)
   print(json.dumps(result, indent=2))
-  with open(os.path.join(FLAGS.workdir, "prompt_to_video.json"), "w") as f:
+  output = FLAGS.output or os.path.join(FLAGS.workdir, METRICS_FILE)
+  with open(output, "w") as f:
     json.dump(result, f, indent=2)
-  logging.info("prompt-to-video: %d of %d prompts land on their own video", result["hits"],
-               result["num_prompts"])
+  logging.info("%d prompts: %s (written to %s)", len(records), summary(result), output)
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "A pfm.train workdir.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_integer("seed", 0, "Sampling seed of the first prompt.")
+  flags.DEFINE_integer("num_prompts", None, "Captions to sample (default: sample.num_videos).")
+  flags.DEFINE_string("classifier", None, "Moving Digits: the digit classifier (.npz) to read "
+                      "the samples with; trained and saved there if missing (default: "
+                      "WORKDIR/digit_classifier.npz).")
+  flags.DEFINE_string("output", None, "Where to write the scores (default: WORKDIR/metrics.json).")
   flags.mark_flags_as_required(["workdir"])
   app.run(errors.exit_on_user_error(main, "pfm.evaluate"))

@@ -37,6 +37,7 @@ from pfm import throughput
 from pfm import validation
 from pfm.data import pipeline
 from pfm.data import video as video_lib
+from pfm.metrics import digits as digits_lib
 
 FLAGS = flags.FLAGS
 
@@ -193,7 +194,7 @@ def _samples_written(workdir: str, step: int) -> bool:
 
   Decided by process 0 and shared, so every process of a run agrees.
   """
-  done = (epath.Path(workdir) / "samples" / f"step_{step:07d}" / "prompt_to_video.json").exists()
+  done = (epath.Path(workdir) / "samples" / f"step_{step:07d}" / evaluate.METRICS_FILE).exists()
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
@@ -295,26 +296,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict | spec_lib.RunSpec, wor
   return state
 
 
-def write_training_samples(sampler: sample_lib.Sampler, records: list[dict], workdir: str,
-                           step: int, writer) -> dict:
-  """Samples the captions of ``records`` (the manifest's first ``config.sample.num_videos``,
-  ``pfm.data.pipeline.load_records``) and scores them.
+IMAGES_WRITTEN = 4  # samples shown as frame strips in TensorBoard at each sample step
 
-  Writes ``workdir/samples/step_N/sample_i.mp4``, frame strips and the prompt-to-video accuracy
-  (``pfm.evaluate``) to TensorBoard, and ``prompt_to_video.json`` beside the videos (last, so
-  its presence marks the step's samples complete).
+
+def write_training_samples(sampler: sample_lib.Sampler, records: list[dict], workdir: str,
+                           step: int, writer, classifier=None) -> dict:
+  """Samples the captions of ``records`` (``pfm.evaluate.evaluation_records``) and scores them
+  (``pfm.evaluate.score``).
+
+  Writes ``workdir/samples/step_N/sample_i.mp4``, the first frame strips and the ``eval/...``
+  scalars to the metric writer, and ``metrics.json`` beside the videos (last, so its presence
+  marks the step's samples complete).
   """
-  result, videos = evaluate.prompt_to_video(sampler, records)
+  videos = evaluate.generate(sampler, records)
+  result = evaluate.score(sampler.spec, records, videos, classifier=classifier)
   out_dir = os.path.join(workdir, "samples", f"step_{step:07d}")
   if jax.process_index() == 0:
     for n, frames in enumerate(videos):
       video_lib.write_mp4(os.path.join(out_dir, f"sample_{n}.mp4"), frames)
-    (epath.Path(out_dir) / "prompt_to_video.json").write_text(json.dumps(result, indent=2))
+    (epath.Path(out_dir) / evaluate.METRICS_FILE).write_text(json.dumps(result, indent=2))
     writer.write_images(step, {f"samples/{n}": np.concatenate(list(v), axis=1)[None]
-                               for n, v in enumerate(videos)})
-    writer.write_scalars(step, {"eval/prompt_to_video_accuracy": result["accuracy"]})
-  logging.info("Step %d: %d of %d prompts land on their own video; samples in %s", step,
-               result["hits"], result["num_prompts"], out_dir)
+                               for n, v in enumerate(videos[:IMAGES_WRITTEN])})
+    writer.write_scalars(step, evaluate.scalars(result))
+  logging.info("Step %d samples (%s) in %s", step, evaluate.summary(result), out_dir)
   return result
 
 
@@ -347,13 +351,25 @@ def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
 
   @functools.cache
   def sample_records():  # read and probed once, at the first sample step
-    return pipeline.load_records(spec)[0][:config.sample.num_videos]
+    return evaluate.evaluation_records(spec, config.sample.num_videos)
+
+  @functools.cache
+  def classifier():  # Moving Digits: the digit reader, cached in the workdir
+    if not evaluate.is_moving_digits(spec):
+      return None
+    return digits_lib.load_or_train(os.path.join(workdir, digits_lib.FILENAME),
+                                    evaluate.classifier_settings(spec))
+
+  sample_seconds = 0.0
 
   def write_samples(step, state):
+    nonlocal sample_seconds
+    t0 = time.time()
     with report.timed("sample"):
       sampler = sample_lib.Sampler(spec, run.graphdef,
                                    parallel.replicated(state["ema_params"], mesh))
-      write_training_samples(sampler, sample_records(), workdir, step, writer)
+      write_training_samples(sampler, sample_records(), workdir, step, writer, classifier())
+    sample_seconds += time.time() - t0
 
   # A run killed after a checkpoint but before that step's samples were written (the final
   # samples above all) writes them now.
@@ -371,12 +387,16 @@ def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
     peak /= jax.local_device_count()
   logging.info("MFU peak: %.1f TFLOP/s per device (%s)", peak / 1e12, peak_source)
   meter = throughput.ThroughputMeter(spec.model, num_devices=jax.local_device_count(), peak=peak)
+  # Training compute so far, for metric-against-compute curves: the model FLOPs of every global
+  # batch (analytic, useful FLOPs; each process counts its rows) and the loop's wall time
+  # without sampling, both counted from this process's first step.
+  train_flops = 0.0
   t_start = t_interval = time.time()
   for step in range(start_step + 1, num_steps + 1):
     with report.timed("data", wait_jax_async_dispatch=False):
       batch = next(data_iter)
     pad_fractions.append(pipeline.padding_fraction(batch))
-    meter.add(batch)
+    train_flops += meter.add(batch)["train_useful"] * jax.process_count()
     with report.timed("train_step", wait_jax_async_dispatch=False):
       with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         device_batch = parallel.global_batch(batch, mesh)
@@ -405,6 +425,8 @@ def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
         scalars |= meter.metrics(time.time() - t_interval)
       t_interval = time.time()
       scalars |= {f"data/skipped_{k}": v for k, v in pipeline.skip_counts().items()}
+      scalars["compute/train_pflop"] = train_flops / 1e15
+      scalars["compute/train_seconds"] = time.time() - t_start - sample_seconds
       writer.write_scalars(step, scalars)
       pending, pad_fractions = [], []
     if checkpoint_now:

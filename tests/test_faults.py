@@ -251,7 +251,7 @@ def test_kill_during_final_sampling_then_restart_writes_the_samples(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert committed, "the run never committed checkpoint 6"
-  samples = os.path.join(workdir, "samples", "step_0000006", "prompt_to_video.json")
+  samples = os.path.join(workdir, "samples", "step_0000006", "metrics.json")
   assert not os.path.exists(samples), "the kill came too late to test anything"
   config = default.get_config("smoke")
   config.train.num_steps, config.train.checkpoint_every_steps = 6, 6

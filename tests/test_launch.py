@@ -122,6 +122,47 @@ def test_default_sweep_configs_are_valid():
       validation.validate(parsed)
 
 
+DIGITS = "configs/digits.py"
+
+
+@pytest.mark.parametrize("ablation", ["fig7", "table2", "pfm"])
+def test_digit_ablations_are_named_valid_runs(ablation):
+  """Each ablation's runs have their given names and distinct overrides, parse back through
+  config_flags with the fields' types, and pass validation."""
+  from pfm import validation
+
+  config = f"{DIGITS}:{ablation}"
+  runs = sweep.expand(config)
+  names = [r.name for r in runs]
+  assert len(set(names)) == len(runs) >= 3 and all(",seed=" in n for n in names)
+  for run in runs:
+    parsed = _parse_config([f"--config={config}", *sweep.override_flags(run.overrides)])
+    for key, value in run.overrides.items():
+      _assert_same_typed(_get(parsed, key), value, key)
+    spec = validation.validate(parsed)
+    assert spec.config.data.dataset == "moving_digits"
+    assert spec.num_stages == run.overrides["pyramid.num_stages"]
+  if ablation == "fig7":
+    assert names == ["full,seed=0", "full,seed=1", "spatial,seed=0", "spatial,seed=1"]
+
+
+def test_named_sweep_entries(tmp_path):
+  path = tmp_path / "named.py"
+  path.write_text(
+      "import ml_collections\n"
+      "def get_config(arg=None):\n"
+      "  c = ml_collections.ConfigDict(); c.seed = 0; return c\n"
+      "def sweep(arg=None):\n"
+      "  return [('a b/c', {'seed': 1}), {'seed': 2}]\n")
+  runs = sweep.expand(str(path))
+  assert [r.name for r in runs] == ["a_b_c", "seed=2"]
+  path.write_text(path.read_text().replace("('a b/c'", "(' '"))
+  with pytest.raises(ValueError, match="empty run name"):
+    sweep.expand(str(path))
+  with pytest.raises(ValueError, match="one of"):
+    sweep.expand(DIGITS)
+
+
 def test_every_value_kind_round_trips(types_config):
   runs = sweep.expand(types_config)
   assert len({r.name for r in runs}) == len(runs)

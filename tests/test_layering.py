@@ -20,9 +20,10 @@ LAYERS = (
     ("pfm.objective", "pfm.parallel", "pfm.checkpointing", "pfm.throughput"),
     ("pfm.spec",),                                     # the resolved run spec
     ("pfm.data",),                                     # manifests, video I/O, layout, pipeline
+    ("pfm.metrics",),                                  # download-free video metrics
     ("pfm.state", "pfm.validation"),
     ("pfm.sample",),
-    ("pfm.evaluate",),
+    ("pfm.evaluate", "pfm.digit_classifier"),
     ("pfm.train",),
     ("pfm.benchmark",),
 )

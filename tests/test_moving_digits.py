@@ -3,6 +3,7 @@ and the ``data.dataset = "moving_digits"`` input pipeline and training run."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -194,7 +195,29 @@ def test_train_command_on_moving_digits(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   samples = tmp_path / "samples" / "step_0000012"
-  assert (samples / "prompt_to_video.json").exists() and (samples / "sample_0.mp4").exists()
+  assert (samples / "metrics.json").exists() and (samples / "sample_0.mp4").exists()
+  scores = json.loads((samples / "metrics.json").read_text())
+  assert scores["num_prompts"] == 1 and "prompt_accuracy" in scores and "avg" in scores["swd"]
+  assert (tmp_path / "digit_classifier.npz").exists()  # cached at the first sample step
+  # Standalone: more prompts, the cached classifier, a progress bar, metrics.json.
+  result = subprocess.run(
+      [sys.executable, "-m", "pfm.evaluate", f"--workdir={tmp_path}", "--num_prompts=3"],
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "prompts: 100%" in result.stderr
+  scores = json.loads((tmp_path / "metrics.json").read_text())
+  assert scores["num_prompts"] == 3 and len(scores["per_clip"]) == 3
+  assert 0.0 <= scores["identity_consistency"] <= 1.0 and scores["frechet_distance"] > 0
+  result = subprocess.run(
+      [sys.executable, "-m", "pfm.digit_classifier", f"--workdir={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  reading = json.loads(result.stdout.strip().splitlines()[-1])
+  assert reading["size"] == 32 and reading["digit_size"] == 16
+  assert reading["held_out_accuracy"] > 0.8
+  result = subprocess.run([sys.executable, "-m", "pfm.digit_classifier"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 1 and "--workdir" in result.stderr
 
 
 def test_tfds_build_matches_the_source(tmp_path):
@@ -213,3 +236,20 @@ def test_tfds_build_matches_the_source(tmp_path):
       assert example["text"].decode() == clip["text"]
       np.testing.assert_array_equal(example["labels"], clip["labels"])
       np.testing.assert_array_equal(example["directions"], clip["directions"])
+
+
+def test_evaluate_scores_real_videos_against_their_own_frames():
+  """The default videos' own clips, scored as if generated: each lands on its own video, and
+  the SWD to their frames is far below that of noise."""
+  from configs import default as default_config
+  from pfm import evaluate
+
+  spec = validation.validate(default_config.get_config("smoke"))
+  records = evaluate.evaluation_records(spec, 3)
+  clips = [pipeline.record_frames(r, (32, 32))[::2] for r in records]
+  real = evaluate.score(spec, records, clips)
+  assert real["prompt_to_video_accuracy"] == 1.0 and real["assignment"] == [0, 1, 2]
+  noise = [np.random.default_rng(i).integers(0, 256, c.shape, np.uint8) for i, c in
+           enumerate(clips)]
+  assert evaluate.score(spec, records, noise)["swd"]["avg"] > 3 * real["swd"]["avg"]
+  assert set(evaluate.scalars(real)) >= {"eval/prompt_to_video_accuracy", "eval/swd_avg"}
