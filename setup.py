@@ -32,6 +32,7 @@ setup(
         "scikit-learn>=1.4",
         "pillow>=10",
         "tqdm>=4.66",
+        "matplotlib>=3.8",  # pfm.results: the ablation plots
         "absl-py>=2",
         "etils[epath]>=1.5",  # workdirs on local disk or gs:// (also used by orbax)
     ],

@@ -25,7 +25,7 @@ LAYERS = (
     ("pfm.sample",),
     ("pfm.evaluate", "pfm.digit_classifier"),
     ("pfm.train",),
-    ("pfm.benchmark",),
+    ("pfm.benchmark", "pfm.results"),
 )
 
 
