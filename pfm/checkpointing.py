@@ -302,6 +302,7 @@ class Checkpointer:
     self._max_to_keep = max_to_keep
     self._in_flight: int | None = None
     self.damaged: list[CheckpointDamagedError] = []  # skipped by the last `restore`
+    self.restored_extra: dict = {}  # the ``extra`` saved with the last restored checkpoint
     self._manager = _Manager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -322,7 +323,7 @@ class Checkpointer:
   # -- saving ------------------------------------------------------------------------------------
 
   def save(self, step: int, state, data_iterator=None, *, report: StateReport | None = None,
-           force: bool = False) -> bool:
+           force: bool = False, extra: dict | None = None) -> bool:
     """Saves ``state`` (a pytree of arrays), the iterator's state and their checksums.
 
     Waits for the previous save first (raising its failure), rotates old checkpoints, then
@@ -334,6 +335,8 @@ class Checkpointer:
       data_iterator: ``ProcessBatches`` or a grain iterator, or None.
       report: `inspect_state(state)` if the caller already has it.
       force: save even off orbax's save interval.
+      extra: JSON-serialisable values kept in the ``meta`` item (e.g. the training compute so
+        far); `restored_extra` returns them after a restore.
 
     Returns:
       whether a save was started.
@@ -345,7 +348,8 @@ class Checkpointer:
     self._rotate(keep=None if self._max_to_keep is None else max(self._max_to_keep - 1, 1))
     report = report or inspect_state(state)
     items = {"state": ocp.args.StandardSave(state),
-             "meta": ocp.args.JsonSave({"step": int(step), "checksums": report.checksums})}
+             "meta": ocp.args.JsonSave({"step": int(step), "checksums": report.checksums,
+                                        "extra": dict(extra or {})})}
     if data_iterator is not None:
       items["data"] = _data_args(data_iterator, save=True)
     try:
@@ -429,6 +433,7 @@ class Checkpointer:
       CheckpointError: if the given ``step`` does not exist.
     """
     self.damaged = []
+    self.restored_extra = {}
     steps = self.steps
     if step is not None:
       if step not in steps:
@@ -479,11 +484,14 @@ class Checkpointer:
         raise CheckpointDamagedError(
             step, f"{len(differ)} of {len(report.checksums)} arrays differ from their checksums "
             f"at save (first: {differ[0]})", self.directory)
+      extra = restored["meta"].get("extra", {})
     else:
       logging.warning("Checkpoint %d has no checksums (written by an older pfm): only its "
                       "finiteness is checked", step)
+      extra = {}
     if report.num_nonfinite:
       raise CheckpointDamagedError(step, report.nonfinite_summary(), self.directory)
+    self.restored_extra = dict(extra)
     return state
 
   def set_aside(self, step: int, why: str) -> str:

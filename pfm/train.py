@@ -389,8 +389,10 @@ def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
   meter = throughput.ThroughputMeter(spec.model, num_devices=jax.local_device_count(), peak=peak)
   # Training compute so far, for metric-against-compute curves: the model FLOPs of every global
   # batch (analytic, useful FLOPs; each process counts its rows) and the loop's wall time
-  # without sampling, both counted from this process's first step.
-  train_flops = 0.0
+  # without sampling, saved with each checkpoint so that a resumed run continues the count.
+  prior = checkpointer.restored_extra if restored is not None else {}
+  train_flops = float(prior.get("train_flops", 0.0))
+  seconds_before = float(prior.get("train_seconds", 0.0))
   t_start = t_interval = time.time()
   for step in range(start_step + 1, num_steps + 1):
     with report.timed("data", wait_jax_async_dispatch=False):
@@ -426,7 +428,8 @@ def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
       t_interval = time.time()
       scalars |= {f"data/skipped_{k}": v for k, v in pipeline.skip_counts().items()}
       scalars["compute/train_pflop"] = train_flops / 1e15
-      scalars["compute/train_seconds"] = time.time() - t_start - sample_seconds
+      scalars["compute/train_seconds"] = (
+          seconds_before + time.time() - t_start - sample_seconds)
       writer.write_scalars(step, scalars)
       pending, pad_fractions = [], []
     if checkpoint_now:
@@ -440,8 +443,11 @@ def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
                 else f"gives a loss of {loss} with its updated parameters")
         raise NonFiniteLossError(f"the train state after step {step} {what}: diverged, not "
                                  f"checkpointed; {_last_good(last_good, workdir)}")
+      compute = {"train_flops": train_flops,
+                 "train_seconds": seconds_before + time.time() - t_start - sample_seconds}
       _stop_on_failed_save(
-          functools.partial(checkpointer.save, step, state, data_iter, report=state_report), step)
+          functools.partial(checkpointer.save, step, state, data_iter, report=state_report,
+                            extra=compute), step)
       last_good = step
     if is_sample_step(step):
       write_samples(step, state)

@@ -69,6 +69,15 @@ def test_killed_run_resumes_to_identical_parameters(uninterrupted, tmp_path):
   assert int(a["step"]) == int(b["step"]) == 12
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The training compute continues from the checkpoint: the same FLOPs at the end (the same
+  # batches), and no fewer seconds than the resumed part took.
+  from pfm import results
+  ref, got = results.read_scalars(reference_dir), results.read_scalars(workdir)
+  flops = {d: dict(zip(*[x.tolist() for x in s["compute/train_pflop"]])) for d, s in
+           (("ref", ref), ("got", got))}
+  assert flops["got"][12] == pytest.approx(flops["ref"][12], rel=1e-9)
+  steps, seconds = got["compute/train_seconds"]
+  assert seconds[steps == 12][-1] > seconds[steps == resumed_from + 2][-1] > 0
 
 
 @pytest.mark.parametrize("scan_layers,remat_policy", [(False, "none"), (True, "dots")])
