@@ -65,10 +65,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pyramid.correlation = config_dict.placeholder(float)
   c.pyramid.diffusion = "flow_matching"      # or "ddim" (variance-preserving, epsilon target)
   c.pyramid.align_noise = False              # data-noise alignment (TPDiff Algorithm 1)
+  c.pyramid.coupled_noise = True             # one noise for a stage's two endpoints (Eqs. 9-10)
   c.pyramid.stage_consistent_rope = True     # TPDiff Eq. 14 (full_sequence mode)
   c.pyramid.stage_weights = (1.0, 2.0, 1.0)  # sampling weight of stage k = 0 (full res), 1, 2
   c.pyramid.time_distribution = "uniform"    # t' within a stage: uniform | logit_normal
   c.pyramid.history_noise_max = 1.0 / 3.0    # history corruption strength ~ U[0, this] (Sec. 4.1)
+  c.pyramid.compress_history = True  # history at decreasing resolution (Eq. 16), else full (Eq. 15)
 
   # Model: MM-DiT by variant name (smoke, XS, S, B, L, 2B).
   c.model = ml_collections.ConfigDict()
@@ -85,6 +87,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # modulated by the current noise level, as in SD3.
   c.model.text_time_conditioning = False
   c.model.caption_dropout = 0.1  # probability of the empty caption, for classifier-free guidance
+  # Autoregressive mode: a unit attends to the caption, earlier units and itself (Sec. 3.3);
+  # False: every unit of a sample attends to every other (bidirectional, Fig. 11's ablation).
+  c.model.blockwise_causal = True
 
   # Optimizer: AdamW as in the paper's Table 4, constant after warm-up, EMA for sampling.
   c.optimizer = ml_collections.ConfigDict()
@@ -125,6 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample.guidance_scale = 4.0              # classifier-free guidance for the first frame
   c.sample.video_guidance_scale = 2.0        # ... and for later frames
   c.sample.num_videos = 3                    # prompts sampled at sample_every_steps
+  c.sample.renoise = True                    # corrective noise at jump points (Eq. 15)
 
   if smoke:
     c.data.height = c.data.width = 32

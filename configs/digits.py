@@ -21,6 +21,12 @@ Ablations (the ``ARG`` of ``--config=configs/digits.py:ARG``):
   table2  TPDiff Table 2: stages, partition, reduction schedule, alignment (temporal pyramid)
   pfm     the spatiotemporal pyramid against TPDiff's temporal and the spatial pyramid alone,
           2 seeds
+  coupling  coupled against independent endpoint noise (Pyramidal Flow Fig. 13), spatial pyramid
+  fig8    compressed against full-resolution history, autoregressive mode (Fig. 8)
+  fig11   blockwise causal against bidirectional attention, autoregressive mode (Fig. 11)
+
+Renoising at the jump points (Fig. 10) is a sampling choice: the fig7 spatial checkpoints are
+scored with and without it by ``pfm.evaluate --renoise=false`` (``docs/results.md``).
 """
 
 from __future__ import annotations
@@ -32,23 +38,30 @@ import ml_collections
 from configs import args
 from configs import vanilla
 
-ABLATIONS = ("fig7", "table2", "pfm")
+ABLATIONS = ("fig7", "table2", "pfm", "coupling", "fig8", "fig11")
 VARIANTS = ("smoke",) + ABLATIONS
 SEEDS = (0, 1)
 
 # The pyramid arms, as overrides of the base config (every pyramid field set, so that an arm
 # means the same thing in any sweep).
 FULL = {"pyramid.num_stages": 1, "pyramid.spatial": False, "pyramid.frame_rate_schedule": "",
-        "pyramid.partition": "", "pyramid.align_noise": False, "pyramid.stage_weights": (1.0,)}
+        "pyramid.partition": "", "pyramid.align_noise": False, "pyramid.stage_weights": (1.0,),
+        "pyramid.coupled_noise": True}
 SPATIAL = {"pyramid.num_stages": 3, "pyramid.spatial": True, "pyramid.frame_rate_schedule": "",
            "pyramid.partition": "", "pyramid.align_noise": True,
-           "pyramid.stage_weights": (1.0, 1.0, 1.0)}
+           "pyramid.stage_weights": (1.0, 1.0, 1.0), "pyramid.coupled_noise": True}
 TEMPORAL = {"pyramid.num_stages": 3, "pyramid.spatial": False, "pyramid.frame_rate_schedule": "2",
             "pyramid.partition": "", "pyramid.align_noise": True,
-            "pyramid.stage_weights": (1.0, 1.0, 1.0)}
+            "pyramid.stage_weights": (1.0, 1.0, 1.0), "pyramid.coupled_noise": True}
 SPATIOTEMPORAL = {"pyramid.num_stages": 3, "pyramid.spatial": True,
                   "pyramid.frame_rate_schedule": "2", "pyramid.partition": "2-1-1",
-                  "pyramid.align_noise": True, "pyramid.stage_weights": (1.0, 1.0, 1.0)}
+                  "pyramid.align_noise": True, "pyramid.stage_weights": (1.0, 1.0, 1.0),
+                  "pyramid.coupled_noise": True}
+# The autoregressive mode (Pyramidal Flow Sec. 3.3): frame unit by frame unit, each with its
+# history, on the spatial pyramid; a training sample is one unit, so rows of 384 tokens hold
+# about as many samples as the text budget allows (~9 one-digit captions).
+AUTOREGRESSIVE = SPATIAL | {"mode": "autoregressive", "data.max_tokens": 384,
+                            "pyramid.compress_history": True, "model.blockwise_causal": True}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -105,6 +118,17 @@ def sweep(arg: str | None = None) -> list[tuple[str, dict[str, Any]]]:
   ablation = chosen[0]
   if ablation == "fig7":
     return _seeded({"full": FULL, "spatial": SPATIAL})
+  if ablation == "coupling":  # Fig. 13: one noise for both endpoints, or one each
+    return _seeded({"coupled": SPATIAL,
+                    "independent": SPATIAL | {"pyramid.coupled_noise": False}}, seeds=(0,))
+  if ablation == "fig8":  # compressed history (Eq. 16) against full resolution (Eq. 15)
+    return _seeded({"compressed": AUTOREGRESSIVE,
+                    "full_history": AUTOREGRESSIVE | {"pyramid.compress_history": False}},
+                   seeds=(0,))
+  if ablation == "fig11":  # blockwise causal against bidirectional attention
+    return _seeded({"causal": AUTOREGRESSIVE,
+                    "bidirectional": AUTOREGRESSIVE | {"model.blockwise_causal": False}},
+                   seeds=(0,))
   if ablation == "table2":
     rows = {
         "temporal": TEMPORAL,  # 3 stages, partition 1-1-1, reduction 2 per jump, aligned

@@ -44,6 +44,9 @@ class ObjectiveConfig:
   min_noise: float = 0.05  # clip of the noise coefficient when converting a clean prediction
   diffusion: str = "flow_matching"  # or "ddim"
   spatial_jump: int = 2  # spatial upsampling factor of every jump (1: no spatial pyramid)
+  # One noise n for both endpoints of a stage (Pyramidal Flow Eqs. 9-10, Fig. 13 right), or
+  # independent noises for start and end (the "independent" coupling of Fig. 13 left).
+  coupled_noise: bool = True
 
   @property
   def noise_schedule(self) -> diffusions.NoiseSchedule:
@@ -96,6 +99,10 @@ def corrupt_packed_batch(key, batch: batch_lib.PackedBatch, config: ObjectiveCon
   s, e = window[..., 0:1], window[..., 1:2]
   # Endpoints: Pyramidal Flow Eqs. (9)-(10), TPDiff Eqs. (7)-(8).
   x_start, x_end = paths.stage_endpoints(clean_end, clean_start, noise, s, e, noise_schedule)
+  if not config.coupled_noise:  # the start point with its own noise (Fig. 13's independent)
+    x_start, _ = paths.stage_endpoints(
+        clean_end, clean_start, jax.random.normal(jax.random.fold_in(key, 4), clean_end.shape, jnp.float32), s, e,
+        noise_schedule)
   # x_t and target: Eqs. (6)/(11) (flow matching) or TPDiff Eqs. (10)/(11) (DDIM).
   x_t = paths.stage_point(x_start, x_end, t_local[..., None], s, e, noise_schedule)
   target = paths.stage_target(x_start, x_end, s, e, noise_schedule)

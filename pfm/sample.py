@@ -77,6 +77,14 @@ class Sampler:
     # Caption and history keys/values are reusable across Euler steps only when the caption is
     # not conditioned on the sampling time.
     self.caches_context = not spec.model.text_time_conditioning
+    # Blockwise causal attention (Pyramidal Flow Sec. 3.3), or bidirectional over the history
+    # and the current unit (the ablation of Fig. 11), where the history's activations depend
+    # on the unit being generated and so are recomputed at every step.
+    self.blockwise_causal = bool(self.config.model.blockwise_causal)
+    self.compress_history = bool(self.config.pyramid.compress_history)
+    # Corrective noise at the jump points (Eq. 15); off only for the ablation of Fig. 10. An
+    # attribute, not a jit argument: set it before the first `generate`.
+    self.renoise = bool(self.config.sample.renoise)
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> "Sampler":
@@ -114,21 +122,28 @@ class Sampler:
     With a clean-conditioned caption (``model.text_time_conditioning = False``) the keys and
     values of the caption and the history are computed once per stage (``MMDiT.encode_context``)
     and every Euler step runs the current unit's tokens only (``MMDiT.decode``); otherwise each
-    step runs the whole [caption; history; current unit] sequence.
+    step runs the whole [caption; history; current unit] sequence. Without blockwise causal
+    attention every token is in block 0 (the unit index stays the temporal RoPE position) and
+    the whole sequence runs at every step.
     """
     cfg = self.config
     p = cfg.model.patch_size
     height, width = cfg.data.height, cfg.data.width
     model = nnx.merge(self._graphdef, params)
     both = lambda a: jnp.broadcast_to(a, (2, *a.shape))  # row 0 prompt, row 1 null caption
+    causal = self.blockwise_causal
+    caches_context = self.caches_context and causal
     # The clean history of each stage (t = 1), rows as the caption rows.
     history = [batch_lib.VideoTokens(
         tokens=both(h["tokens"]), t=jnp.ones((2, len(h["segment_ids"]))),
-        segment_ids=both(h["segment_ids"]), causal_block=both(h["causal_block"]),
-        positions=both(h["positions"])) for h in history]
+        segment_ids=both(h["segment_ids"]),
+        causal_block=both(h["causal_block"] if causal else jnp.zeros_like(h["causal_block"])),
+        positions=both(h["positions"]),
+        temporal_positions=None if causal else both(h["causal_block"].astype(jnp.float32)))
+        for h in history]
     text = batch_lib.TextTokens(segment_ids=text_segment_ids, t=jnp.ones(text_tokens.shape),
                                 tokens=text_tokens)
-    if self.caches_context:
+    if caches_context:
       contexts = [model.encode_context(h, text) for h in history]
 
     def model_fn(x, t, k):
@@ -137,9 +152,10 @@ class Sampler:
       current = batch_lib.VideoTokens(
           tokens=both(tokens_lib.patchify(x, p)), t=jnp.full((2, len(grid)), t),
           segment_ids=jnp.ones((2, len(grid)), jnp.int32),
-          causal_block=jnp.full((2, len(grid)), frame_i, jnp.int32),
-          positions=both(jnp.asarray(grid)))
-      if self.caches_context:
+          causal_block=jnp.full((2, len(grid)), frame_i if causal else 0, jnp.int32),
+          positions=both(jnp.asarray(grid)),
+          temporal_positions=None if causal else jnp.full((2, len(grid)), frame_i, jnp.float32))
+      if caches_context:
         pred = model.decode(current, contexts[k])
       else:
         pred = model(current.concatenate(history[k]), text.at_time(t))
@@ -149,7 +165,8 @@ class Sampler:
       out = tokens_lib.unpatchify(out_null + guidance_scale * (out_cond - out_null), p, hk, wk)
       return self._to_target(x, out, t, k)
 
-    return samplers.sample_pyramid(model_fn, key, (height, width, 3), self._pyramid, steps)
+    return samplers.sample_pyramid(model_fn, key, (height, width, 3), self._pyramid, steps,
+                                   renoise=self.renoise)
 
   def _to_target(self, x, out, t, k):
     """The model's output at stage k as the sampler's target (velocity or eps_k)."""
@@ -202,7 +219,7 @@ class Sampler:
       return self._to_target(x, out, t, k)
 
     shape = (num_frames, cfg.data.height, cfg.data.width, 3)
-    return samplers.sample_pyramid(model_fn, key, shape, pyramid, steps)
+    return samplers.sample_pyramid(model_fn, key, shape, pyramid, steps, renoise=self.renoise)
 
   def _history_arrays(self, history_frames: np.ndarray, length: int):
     """Per stage k: the clean history tokens padded to ``length - tokens(current unit at k)``."""
@@ -210,7 +227,8 @@ class Sampler:
     p, num_stages = cfg.model.patch_size, cfg.pyramid.num_stages
     out = []
     for k in range(num_stages):
-      h = layout.layout_history(history_frames, k, self._pyramid, p)
+      h = layout.layout_history(history_frames, k, self._pyramid, p,
+                                compress=self.compress_history)
       grid = layout.level_token_grid(cfg.data.height, cfg.data.width, k, p)
       room = length - grid[0] * grid[1]
       n = h["tokens"].shape[0]
@@ -267,7 +285,7 @@ class Sampler:
     cfg = self.config
     length = layout.max_tokens_per_sample(
         num_frames, height=cfg.data.height, width=cfg.data.width, patch_size=cfg.model.patch_size,
-        num_stages=cfg.pyramid.num_stages)
+        num_stages=cfg.pyramid.num_stages, compress_history=self.compress_history)
     length = -(-length // 64) * 64  # a few padded lengths, so few compilations
     text_tokens, text_segment_ids = self._caption_arrays(prompt)
 

@@ -43,6 +43,10 @@ OPTIONAL_FIELDS: dict[str, Any] = {
     "pyramid.correlation": None,      # None: the smallest valid correlation per jump
     "pyramid.diffusion": "flow_matching",
     "pyramid.align_noise": False,
+    "pyramid.coupled_noise": True,
+    "pyramid.compress_history": True,
+    "model.blockwise_causal": True,
+    "sample.renoise": True,
     "pyramid.stage_consistent_rope": True,
     "pyramid.stage_weights": (),      # checked against num_stages in pfm.validation
     "model.text_time_conditioning": True,
@@ -136,7 +140,8 @@ def resolve(config: ml_collections.ConfigDict | RunSpec) -> RunSpec:
       windows=pyramid.windows, time_distribution=p.time_distribution,
       history_noise_max=float(p.history_noise_max), caption_dropout=float(m.caption_dropout),
       prediction=m.prediction, patch_size=int(m.patch_size), diffusion=pyramid.diffusion,
-      spatial_jump=pyramid.spatial_factors[1] if pyramid.num_stages > 1 else 1)
+      spatial_jump=pyramid.spatial_factors[1] if pyramid.num_stages > 1 else 1,
+      coupled_noise=bool(p.coupled_noise))
   s = c.sample
   steps = tuple(int(n) for n in s.steps_per_stage) or stages.split_steps(
       s.total_steps, p.partition, p.num_stages)

@@ -50,6 +50,12 @@ def _check_fields(spec: spec_lib.RunSpec) -> None:
     raise ValueError("config.pyramid.frame_rate_schedule / spatial: the autoregressive mode "
                      "uses the spatial pyramid only (its temporal pyramid is the history); set "
                      "config.mode='full_sequence' for a frame-rate pyramid")
+  if spec.mode == "full_sequence":
+    for field, value in (("pyramid.compress_history", p.compress_history),
+                         ("model.blockwise_causal", c.model.blockwise_causal)):
+      if not value:
+        raise ValueError(f"config.{field}=False applies to the autoregressive mode only (a "
+                         "full-sequence clip has no history and is one attention block)")
   coarsest = pyr.spatial_factors[-1]
   factor = int(np.lcm(c.model.patch_size * coarsest, 2 * coarsest))
   for field in ("height", "width"):

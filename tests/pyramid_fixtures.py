@@ -136,9 +136,7 @@ def renoised_starts_2x2(x1, k, w, correlation, num, corrective=True):
   def one(key):
     key_n, key_r = jax.random.split(key)
     x_end = end * clean_coarse + (1 - end) * jax.random.normal(key_n, clean_coarse.shape)
-    if corrective:
-      return renoise.renoise(key_r, x_end, start, end, correlation, FM)
-    return (start / end) * resample.up(x_end, 2)
+    return renoise.renoise(key_r, x_end, start, end, correlation, FM, corrective=corrective)
 
   return jax.vmap(one)(jax.random.split(jax.random.key(2), num)), start
 
@@ -150,12 +148,7 @@ def renoised_starts(pyramid, x, k, num, seed, corrective=True):
   d_coarse = pyramid.level(x, k + 1)
   x_end = (float(sched.signal(end)) * d_coarse
            + float(sched.noise(end)) * normal(seed, (num, *d_coarse.shape)))
-  if corrective:
-    return pyramid.renoise(fast_key(seed), x_end, k)
-  rescale, _ = renoise.renoise_coefficients(pyramid.windows[k][0], end, pyramid.correlations[k],
-                                            sched)
-  fs, ft = pyramid.jump(k)
-  return rescale * resample.up_video(x_end, fs, ft)
+  return pyramid.renoise(fast_key(seed), x_end, k, corrective=corrective)
 
 
 # --- stage paths and exact fields ---------------------------------------------------------------

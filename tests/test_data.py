@@ -136,6 +136,26 @@ def test_history_levels():
   assert layout.history_levels(2, 2, 3) == [2, 2]
   with pytest.raises(ValueError):
     layout.history_levels(2, 3, 3)
+  assert layout.history_levels(4, 1, 3, compress=False) == [0, 0, 0, 0]  # Eq. 15, Fig. 8
+
+
+def test_full_resolution_history_layout():
+  """Without compression every history unit is Down(x, 1) = x, whatever the current stage."""
+  p, pyramid = 4, stages.make_pyramid(3)
+  frames = np.random.default_rng(1).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+  for k in range(3):
+    sample = layout.layout_sample(frames, 3, k, pyramid, p, compress_history=False)
+    n = layout.tokens_per_sample(3, k, height=32, width=32, patch_size=p, num_stages=3,
+                                 compress_history=False)
+    history = sample["is_target"] == 0
+    assert len(sample["stage"]) == n and history.sum() == 3 * (32 // p) ** 2
+    np.testing.assert_array_equal(sample["clean_end"][history],
+                                  tokens_lib.patchify(frames[:3], p).reshape(-1, p * p * 3))
+    # Full-resolution tokens sit on the current unit's (coarser) grid at their centres.
+    np.testing.assert_allclose(sample["positions"][history][:2],
+                               tokens_lib.grid_positions((8, 8), (8 // 2**k, 8 // 2**k))[:2])
+  assert layout.max_tokens_per_sample(4, height=32, width=32, patch_size=p, num_stages=3,
+                                      compress_history=False) == 4 * 64
 
 
 def test_grid_positions():
@@ -277,6 +297,22 @@ def test_manifest_nothing_usable(media_dir, tmp_path):
   path.write_text('{"text": "no media"}\n')
   with pytest.raises(ValueError, match="bad.jsonl:1"):
     manifest.load_manifest(str(path))
+
+
+def test_bidirectional_samples_are_one_attention_block(media_dir):
+  """``blockwise_causal=False`` (Fig. 11): one causal block per sample, units keep their RoPE
+  time."""
+  kwargs = dict(height=32, width=32, num_frames=4, frame_stride=1, patch_size=4,
+                pyramid=stages.make_pyramid(3), stage_weights=(1, 1, 1), caption_length=16,
+                num_records=1)
+  record = {"video": str(media_dir / "good.mp4"), "text": "hi"}
+  causal = pipeline.MakeSample(**kwargs).random_map(record, np.random.default_rng(5))
+  bidirectional = pipeline.MakeSample(**kwargs, blockwise_causal=False).random_map(
+      record, np.random.default_rng(5))
+  assert causal["causal_block"].max() > 0  # a sample with history
+  assert np.all(bidirectional["causal_block"] == 0)
+  np.testing.assert_array_equal(bidirectional["temporal_positions"], causal["causal_block"])
+  np.testing.assert_array_equal(bidirectional["clean_end"], causal["clean_end"])
 
 
 def test_mid_run_decode_error_is_skipped(media_dir):

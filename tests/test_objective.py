@@ -84,6 +84,34 @@ def test_noise_statistics_over_many_draws():
   assert t_local.mean() == pytest.approx(0.5, abs=0.01)
 
 
+@pytest.mark.parametrize("coupled", [True, False])
+def test_endpoint_noise_coupling_over_many_draws(coupled):
+  """Coupled endpoints share n (Eqs. 9-10): x̂_t has noise std (1 - t) and the velocity target
+  noise std (e - s); independent endpoints (Fig. 13 left) give std sqrt((t' σ_e)^2 + ((1 - t')
+  σ_s)^2) and sqrt(σ_e^2 + σ_s^2), with σ = 1 - time (flow matching)."""
+  batch = packed_batch(np.random.default_rng(3))
+  cfg = objective.ObjectiveConfig(windows=WINDOWS, caption_dropout=0.0, prediction="velocity",
+                                  coupled_noise=coupled)
+  packed = PackedBatch.from_fields(batch)
+  draw = jax.jit(jax.vmap(lambda k: objective.corrupt_packed_batch(k, packed, cfg)[:2]))
+  inputs, target = draw(jax.random.split(jax.random.key(2), 20_000))
+  b, l = 0, 3  # a stage-2 token: s = 0, e = 1/3, so both endpoints are noisy
+  s, e = WINDOWS[2]
+  x, t = np.asarray(inputs[0].tokens[:, b, l]), np.asarray(inputs[0].t[:, b, l])
+  t_local = (t - s) / (e - s)
+  d, u = batch["clean_end"][b, l], batch["clean_start"][b, l]
+  mean = (t_local * e)[:, None] * d + ((1 - t_local) * s)[:, None] * u
+  sigma_s, sigma_e = 1 - s, 1 - e
+  if coupled:
+    x_std, v_std = 1 - t, e - s
+  else:
+    x_std, v_std = np.hypot(t_local * sigma_e, (1 - t_local) * sigma_s), np.hypot(sigma_e, sigma_s)
+  z = (x - mean) / x_std[:, None]
+  assert abs(z.mean()) < 0.02 and z.std() == pytest.approx(1.0, abs=0.02)
+  r = np.asarray(target[:, b, l]) - (e * d - s * u)
+  assert abs(r.mean()) < 0.02 * v_std and r.std() == pytest.approx(v_std, rel=0.02)
+
+
 def test_caption_dropout_keeps_bos_and_drops_at_the_configured_rate():
   batch = packed_batch(np.random.default_rng(2))
   cfg = objective.ObjectiveConfig(windows=WINDOWS, caption_dropout=0.3)

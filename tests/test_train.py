@@ -191,6 +191,52 @@ def test_invalid_config_fails_before_compilation(tmp_path, section, field, value
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
+def _perturbed_sampler_inputs(config, scale):
+  graphdef, state = state_lib.init_state(spec_lib.resolve(config))
+  rng = np.random.default_rng(0)  # move off the zero init so the output depends on everything
+  params = jax.tree.map(lambda p: p + scale * rng.standard_normal(p.shape).astype(p.dtype),
+                        state["params"])
+  return graphdef, params
+
+
+def test_sampler_history_ablations_change_what_a_unit_sees():
+  """Bidirectional attention (Fig. 11) recomputes the history at every step (its keys depend on
+  the unit being generated, so no cache); a full-resolution history (Fig. 8) has more tokens.
+  Both change the later units and neither the first (which has no history)."""
+  kwargs = dict(num_frames=3, first_frame_steps=(2, 2, 2), later_frame_steps=(2, 1, 1),
+                seed=3, progress=False)
+  config = smoke_config()
+  graphdef, params = _perturbed_sampler_inputs(config, 0.3)
+  videos = {}
+  for name, field, value in (("causal", None, None),
+                             ("bidirectional", "model.blockwise_causal", False),
+                             ("full_history", "pyramid.compress_history", False)):
+    c = smoke_config()
+    if field:
+      section, key = field.split(".")
+      c[section][key] = value
+    sampler = sample_lib.Sampler(spec_lib.resolve(c), graphdef, params)
+    videos[name] = sampler.generate("a rabbit", **kwargs).astype(int)
+    if name == "bidirectional":  # the same video when the sampler is told not to cache
+      sampler.caches_context = False
+      again = sampler.generate("a rabbit", **kwargs).astype(int)
+      assert np.abs(again - videos[name]).max() <= 1
+  for name in ("bidirectional", "full_history"):
+    assert np.abs(videos[name][0] - videos["causal"][0]).max() <= 1, name
+    diff = np.abs(videos[name][1:] - videos["causal"][1:])
+    assert np.mean(diff > 1) > 0.01, name
+
+
+def test_history_ablations_are_refused_in_the_full_sequence_mode():
+  for section, key in (("pyramid", "compress_history"), ("model", "blockwise_causal")):
+    config = default.get_config("smoke")
+    config.mode = "full_sequence"
+    config.pyramid.num_stages = 3
+    config[section][key] = False
+    with pytest.raises(ValueError, match=f"config.{section}.{key}=False"):
+      validation.validate(config)
+
+
 def test_default_config_is_valid():
   validation.validate(default.get_config())
   with pytest.raises(ValueError, match="unknown config variants"):

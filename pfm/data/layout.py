@@ -50,15 +50,18 @@ def level_token_grid(height: int, width: int, level: int, p: int) -> tuple[int, 
   return height // 2**level // p, width // 2**level // p
 
 
-def history_levels(i: int, k: int, num_stages: int) -> list[int]:
+def history_levels(i: int, k: int, num_stages: int, *, compress: bool = True) -> list[int]:
   """Pyramid levels of the history units 0..i-1 for current unit ``i`` at stage ``k`` (Eq. 16).
 
   Unit ``i - 1`` is at level ``k``, unit ``i - 2`` at ``k + 1``, ..., capped at ``K - 1``.
+  Without ``compress`` every history unit is at full resolution (level 0, Eq. 15's
+  uncompressed history; the ablation of Pyramidal Flow Fig. 8).
 
   Args:
     i: index of the current unit (>= 0); i = 0 has no history.
     k: stage of the current unit, in [0, num_stages - 1].
     num_stages: K.
+    compress: the compressed history of Eq. 16 (default) or full resolution.
 
   Returns:
     ``i`` ints, in temporal order (oldest first); non-increasing.
@@ -68,6 +71,8 @@ def history_levels(i: int, k: int, num_stages: int) -> list[int]:
   """
   if i < 0 or not 0 <= k < num_stages:
     raise ValueError(f"history_levels: need i >= 0 and 0 <= k < {num_stages}, got i={i}, k={k}")
+  if not compress:
+    return [0] * i
   return [min(k + (i - 1 - j), num_stages - 1) for j in range(i)]
 
 
@@ -80,7 +85,7 @@ def _check_spatial(pyramid) -> None:
 
 
 def layout_history(history_frames: np.ndarray, k: int, pyramid,
-                   p: int) -> dict[str, np.ndarray]:
+                   p: int, *, compress: bool = True) -> dict[str, np.ndarray]:
   """Tokens of the clean history units 0..i-1 for a current unit at stage ``k`` (Eq. 16-17).
 
   Args:
@@ -90,6 +95,7 @@ def layout_history(history_frames: np.ndarray, k: int, pyramid,
     pyramid: the run's spatial ``pfm.pyramid.stages.Pyramid`` (K stages, resolution halved per
       stage); a history unit at level l is ``pyramid.level(x, l)``.
     p: patch size.
+    compress: levels by `history_levels` (Eq. 16); False keeps every unit at full resolution.
 
   Returns:
     dict with ``n = sum_j tokens(level_j)`` rows, in temporal order:
@@ -105,7 +111,7 @@ def layout_history(history_frames: np.ndarray, k: int, pyramid,
   num_stages = pyramid.num_stages
   i, height, width, c = history_frames.shape
   check_sizes(height, width, p, num_stages)
-  levels = history_levels(i, k, num_stages)
+  levels = history_levels(i, k, num_stages, compress=compress)
   current_grid = level_token_grid(height, width, k, p)
   tokens, causal_block, positions = [], [], []
   start = 0
@@ -131,7 +137,7 @@ def layout_history(history_frames: np.ndarray, k: int, pyramid,
 
 
 def layout_sample(frames: np.ndarray, i: int, k: int, pyramid,
-                  p: int) -> dict[str, np.ndarray]:
+                  p: int, *, compress_history: bool = True) -> dict[str, np.ndarray]:
   """Unpacked per-token arrays of one training sample: history tokens, then the current unit.
 
   Args:
@@ -140,6 +146,7 @@ def layout_sample(frames: np.ndarray, i: int, k: int, pyramid,
     k: stage of the current unit, in [0, K - 1].
     pyramid: the run's spatial ``pfm.pyramid.stages.Pyramid`` (see `layout_history`).
     p: patch size.
+    compress_history: the history's levels (`history_levels`).
 
   Returns:
     dict of arrays with ``n = tokens_per_sample(i, k, ...)`` rows:
@@ -168,7 +175,7 @@ def layout_sample(frames: np.ndarray, i: int, k: int, pyramid,
                      f"got i={i}, k={k}")
   check_sizes(height, width, p, num_stages)
   frames = frames.astype(np.float32)
-  history = layout_history(frames[:i], k, pyramid, p)
+  history = layout_history(frames[:i], k, pyramid, p, compress=compress_history)
   level = pyramid.level(frames[i], k)
   end = tokens_lib.patchify(level, p)
   start = tokens_lib.patchify(pyramid.clean_start(level, k), p)
@@ -256,14 +263,14 @@ def clip_tokens(num_frames: int, *, height: int, width: int, patch_size: int, py
 
 
 def tokens_per_sample(i: int, k: int, *, height: int, width: int, patch_size: int,
-                      num_stages: int) -> int:
+                      num_stages: int, compress_history: bool = True) -> int:
   """Number of video tokens ``layout_sample`` produces for current unit ``i`` at stage ``k``."""
-  levels = history_levels(i, k, num_stages) + [k]
+  levels = history_levels(i, k, num_stages, compress=compress_history) + [k]
   return sum(int(np.prod(level_token_grid(height, width, lvl, patch_size))) for lvl in levels)
 
 
 def max_tokens_per_sample(num_frames: int, *, height: int, width: int, patch_size: int,
-                          num_stages: int) -> int:
+                          num_stages: int, compress_history: bool = True) -> int:
   """Worst case of ``tokens_per_sample`` over i in [0, num_frames - 1] and every stage k.
 
   Raises:
@@ -274,5 +281,5 @@ def max_tokens_per_sample(num_frames: int, *, height: int, width: int, patch_siz
   check_sizes(height, width, patch_size, num_stages)
   return max(
       tokens_per_sample(i, k, height=height, width=width, patch_size=patch_size,
-                        num_stages=num_stages)
+                        num_stages=num_stages, compress_history=compress_history)
       for i in range(num_frames) for k in range(num_stages))

@@ -96,7 +96,8 @@ def check_spec(spec: spec_lib.RunSpec) -> int:
   else:
     worst = layout.max_tokens_per_sample(
         data.num_frames, height=data.height, width=data.width,
-        patch_size=config.model.patch_size, num_stages=num_stages)
+        patch_size=config.model.patch_size, num_stages=num_stages,
+        compress_history=config.pyramid.compress_history)
     what = f"last of {data.num_frames} units at stage 0"
   _check_dataset(config)
   if worst > data.max_tokens:
@@ -223,7 +224,8 @@ class MakeSample(grain.transforms.RandomMap):
 
   def __init__(self, *, height: int, width: int, num_frames: int, frame_stride: int,
                patch_size: int, pyramid, stage_weights, caption_length: int, num_records: int,
-               full_sequence: bool = False, consistent_rope: bool = True):
+               full_sequence: bool = False, consistent_rope: bool = True,
+               compress_history: bool = True, blockwise_causal: bool = True):
     self.size = (height, width)
     self.num_frames = num_frames
     self.frame_stride = frame_stride
@@ -236,6 +238,8 @@ class MakeSample(grain.transforms.RandomMap):
     self.pyramid = pyramid  # the run's stages.Pyramid
     self.full_sequence = full_sequence  # whole clips, else a unit with its history
     self.consistent_rope = consistent_rope
+    self.compress_history = compress_history  # Eq. 16's history levels, else full resolution
+    self.blockwise_causal = blockwise_causal  # else one block: bidirectional (Fig. 11)
     self._bad_paths: set[str] = set()
 
   def __getstate__(self):
@@ -271,7 +275,9 @@ class MakeSample(grain.transforms.RandomMap):
       i = int(rng.integers(0, len(clip)))
       k = int(rng.choice(self.num_stages, p=self.stage_probs))
       sample = layout.layout_sample(video.to_float(clip[:i + 1]), i, k, self.pyramid,
-                                    self.patch_size)
+                                    self.patch_size, compress_history=self.compress_history)
+      if not self.blockwise_causal:  # every unit sees every other (the RoPE keeps their order)
+        sample["causal_block"] = np.zeros_like(sample["causal_block"])
     sample["text_tokens"] = text_lib.encode_caption(element.get("text", ""), self.caption_length)
     return sample
 
@@ -334,7 +340,9 @@ def create_dataset(spec: spec_lib.RunSpec, *, seed: int, shard_index: int = 0,
       pyramid=spec.pyramid, stage_weights=tuple(config.pyramid.stage_weights),
       caption_length=data.caption_length, num_records=len(records),
       full_sequence=spec.mode == "full_sequence",
-      consistent_rope=config.pyramid.stage_consistent_rope)
+      consistent_rope=config.pyramid.stage_consistent_rope,
+      compress_history=config.pyramid.compress_history,
+      blockwise_causal=config.model.blockwise_causal)
   ds = grain.MapDataset.source(records).seed(seed)
   if len(records) < _MIN_SHUFFLE_DOMAIN:
     # grain's index_shuffle costs milliseconds per index on tiny domains (7 ms for 3 records):

@@ -90,7 +90,8 @@ def renoise_coefficients(start: float, end: float, correlation: float,
 
 
 def renoise(key, x_end_coarse, start: float, end: float, correlation: float,
-            noise_schedule: diffusions.NoiseSchedule, *, spatial: int = 2, temporal: int = 1):
+            noise_schedule: diffusions.NoiseSchedule, *, spatial: int = 2, temporal: int = 1,
+            corrective: bool = True):
   """x̂_{s_k} = (gamma_{s_k} / gamma_{e_{k+1}}) Up(x̂_{e_{k+1}}) + alpha n' (module docstring).
 
   Pyramidal Flow Eqs. (13)/(15) for ``spatial=2, temporal=1``; TPDiff Eq. (15)/(22) for
@@ -106,11 +107,17 @@ def renoise(key, x_end_coarse, start: float, end: float, correlation: float,
     correlation: the in-block correlation the windows were derived with.
     noise_schedule: the diffusion's coefficients.
     spatial, temporal: the upsampling factors of this jump.
+    corrective: add the corrective noise alpha n'. False gives the rescaled upsampling alone,
+      the "without renoising" arm of Pyramidal Flow Fig. 10: its noise is then block-constant
+      with std (gamma_s / gamma_e) sigma_e instead of sigma_s i.i.d. per element, a start the
+      next stage was not trained on.
 
   Returns:
     x̂_{s_k}, ``[..., T * temporal, H * spatial, W * spatial, C]``.
   """
   upsampled = resample.up_video(x_end_coarse, spatial, temporal)
   rescale, alpha = renoise_coefficients(start, end, correlation, noise_schedule)
+  if not corrective:
+    return (rescale * upsampled).astype(upsampled.dtype)
   noise = block_noise(key, upsampled.shape, correlation, spatial, temporal, upsampled.dtype)
   return (rescale * upsampled + alpha * noise).astype(upsampled.dtype)

@@ -88,7 +88,7 @@ def integrate_stage(model_fn: ModelFn, x_start, k: int, start: float, end: float
 
 
 def sample_pyramid(model_fn: ModelFn, key, shape: Sequence[int], pyramid: stages.Pyramid,
-                   steps_per_stage: Sequence[int], dtype=jnp.float32):
+                   steps_per_stage: Sequence[int], dtype=jnp.float32, *, renoise: bool = True):
   """Generates one sample through all K stages, coarsest first.
 
   Pyramidal Flow Algorithm 1 for the spatial pyramid, TPDiff Sec. 3.6 for the temporal one, and
@@ -103,6 +103,8 @@ def sample_pyramid(model_fn: ModelFn, key, shape: Sequence[int], pyramid: stages
     pyramid: the stages (``pfm.pyramid.stages.Pyramid``).
     steps_per_stage: steps per stage in sampling order (coarsest stage first), e.g. [10, 10, 10].
     dtype: latent dtype.
+    renoise: add the corrective noise at each jump point (Eq. 15); False only rescales the
+      upsampled end point (the ablation of Pyramidal Flow Fig. 10).
 
   Returns:
     the full-size sample, ``shape``; pixels in about [-1, 1] for a trained model.
@@ -128,6 +130,6 @@ def sample_pyramid(model_fn: ModelFn, key, shape: Sequence[int], pyramid: stages
   for order, k in enumerate(range(num_stages - 1, -1, -1)):
     start, end = pyramid.windows[k]
     if order > 0:  # jump point from stage k + 1 into stage k
-      x = pyramid.renoise(keys[order], x, k)
+      x = pyramid.renoise(keys[order], x, k, corrective=renoise)
     x = integrate_stage(model_fn, x, k, start, end, int(steps_per_stage[order]), noise_schedule)
   return x

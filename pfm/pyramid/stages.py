@@ -104,11 +104,12 @@ class Pyramid:
     f = self.temporal_factors[k]
     return (f * j + (f - 1) / 2).astype(np.float32)
 
-  def renoise(self, key, x_end_coarse, k: int):
+  def renoise(self, key, x_end_coarse, k: int, *, corrective: bool = True):
     """The jump from stage k + 1 into stage k (``pfm.pyramid.renoise.renoise``)."""
     fs, ft = self.jump(k)
     return renoise_lib.renoise(key, x_end_coarse, self.windows[k][0], self.windows[k + 1][1],
-                               self.correlations[k], self.noise_schedule, spatial=fs, temporal=ft)
+                               self.correlations[k], self.noise_schedule, spatial=fs, temporal=ft,
+                               corrective=corrective)
 
 
 def parse_factors(frame_rate_schedule: str | Sequence[int] | int,
