@@ -64,6 +64,18 @@ AUTOREGRESSIVE = SPATIAL | {"mode": "autoregressive", "data.max_tokens": 384,
                             "pyramid.compress_history": True, "model.blockwise_causal": True}
 
 
+# Sampling-only ablations: per sweep, (run name, the trained run it samples, relative to the
+# sweeps' folder, pfm.evaluate flags). Each run is one pfm.evaluate call writing
+# SWEEP/RUN/metrics.json, e.g. for fig10 (renoising at the jump points, Pyramidal Flow Fig. 10):
+#   python -m pfm.evaluate --workdir=runs/digits/fig7/spatial,seed=0 --norenoise \
+#       --output=runs/digits/fig10/no_renoise,seed=0/metrics.json
+EVALUATIONS = {
+    "fig10": [(f"{arm},seed={seed}", f"fig7/spatial,seed={seed}", flags)
+              for arm, flags in (("renoise", ["--renoise"]), ("no_renoise", ["--norenoise"]))
+              for seed in SEEDS],
+}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The base config: full-resolution full-sequence flow matching on Moving Digits.
 

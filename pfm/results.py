@@ -13,12 +13,19 @@ logged at that step (``compute/train_pflop``: analytic model FLOPs of the train 
   arm listed first reaches at its end (interpolated along the curves).
 
 A run is ``ARM,seed=N`` (seeds of one arm are averaged) or any other name (an arm of its own).
+Arms are listed by name, or, with ``--config=configs/digits.py``, in the order of that config's
+sweep of the same name (its first arm is the reference of the compute-to-reach table).
+
+A sweep of *sampling* ablations (e.g. renoising on and off at the jump points, Pyramidal Flow
+Fig. 10) holds no training logs but one ``RUN/metrics.json`` per run (``pfm.evaluate
+--output=...``); it gets a table of those scores and a bar plot (``results/SWEEP.md``, ``.png``).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 import re
 
@@ -38,6 +45,7 @@ METRICS = (
     ("eval/prompt_to_video_accuracy", "prompt-to-video accuracy", "higher"),
 )
 COMPUTE = ("compute/train_pflop", "compute/train_seconds")
+METRICS_FILE = "metrics.json"  # pfm.evaluate's output
 _SEED = re.compile(r"^(?P<arm>.*),seed=(?P<seed>\d+)$")
 
 
@@ -110,13 +118,24 @@ def arm_and_seed(run_name: str) -> tuple[str, int | None]:
   return (m["arm"], int(m["seed"])) if m else (run_name, None)
 
 
-def load_sweep(folder: str) -> dict[str, dict[int | None, Curve]]:
-  """``{arm: {seed: Curve}}`` of the runs in ``folder`` (sorted by name; runs without scores are
-  skipped with a warning)."""
+def _ordered(arms: dict[str, dict], order: list[str] | None) -> dict[str, dict]:
+  """``arms`` with the names of ``order`` first, in that order, then the rest by name."""
+  order = [a for a in (order or []) if a in arms]
+  return {a: arms[a] for a in order + sorted(set(arms) - set(order))}
+
+
+def _is_evaluation(path: str) -> bool:
+  return (os.path.isfile(os.path.join(path, METRICS_FILE))
+          and not any(f.startswith("events.out.tfevents") for f in os.listdir(path)))
+
+
+def load_sweep(folder: str, order: list[str] | None = None) -> dict[str, dict[int | None, Curve]]:
+  """``{arm: {seed: Curve}}`` of the runs in ``folder`` (arms in ``order``, then by name; runs
+  without scores are skipped with a warning)."""
   arms: dict[str, dict] = collections.defaultdict(dict)
   for name in sorted(os.listdir(folder)):
     path = os.path.join(folder, name)
-    if not os.path.isdir(path):
+    if not os.path.isdir(path) or _is_evaluation(path):
       continue
     try:
       c = curve(read_scalars(path))
@@ -125,7 +144,65 @@ def load_sweep(folder: str) -> dict[str, dict[int | None, Curve]]:
       continue
     arm, seed = arm_and_seed(name)
     arms[arm][seed] = c
-  return dict(arms)
+  return _ordered(arms, order)
+
+
+def load_evaluations(folder: str, order: list[str] | None = None
+                     ) -> dict[str, dict[int | None, dict[str, float]]]:
+  """``{arm: {seed: {eval/ tag: score}}}`` of the ``RUN/metrics.json`` files in ``folder`` that
+  have no training logs beside them (`pfm.evaluate` results)."""
+  from pfm import evaluate  # its scalars() names the scores as training logs them
+
+  arms: dict[str, dict] = collections.defaultdict(dict)
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    if os.path.isdir(path) and _is_evaluation(path):
+      with open(os.path.join(path, METRICS_FILE)) as f:
+        scores = evaluate.scalars(json.load(f))
+      arm, seed = arm_and_seed(name)
+      arms[arm][seed] = scores
+  return _ordered(arms, order)
+
+
+def evaluation_table(arms: dict[str, dict[int | None, dict[str, float]]]) -> str:
+  """Markdown: each arm's scores (mean and, with several seeds, their spread)."""
+  tags = [t for t, _, _ in METRICS if any(t in r for runs in arms.values() for r in runs.values())]
+  labels = {t: label for t, label, _ in METRICS}
+  head = ["arm", "seeds"] + [labels[t] for t in tags]
+  lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+  for arm, runs in arms.items():
+    row = [arm, str(len(runs))] + [_fmt([r[t] for r in runs.values() if t in r]) for t in tags]
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def evaluation_plot(arms: dict[str, dict[int | None, dict[str, float]]], path: str,
+                    title: str) -> None:
+  """One panel per metric: a bar per arm (mean over seeds), each seed a dot."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  tags = [(t, label, b) for t, label, b in METRICS
+          if any(t in r for runs in arms.values() for r in runs.values())]
+  cols = min(3, len(tags))
+  rows = -(-len(tags) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+  for ax, (tag, label, better) in zip(axes.flat, tags):
+    for i, runs in enumerate(arms.values()):
+      values = [r[tag] for r in runs.values() if tag in r]
+      ax.bar(i, np.mean(values), color=f"C{i}", alpha=0.7)
+      ax.plot([i] * len(values), values, "k.", markersize=4)
+    ax.set_xticks(range(len(arms)), list(arms), fontsize=7)
+    ax.set_title(f"{label} ({better} is better)", fontsize=9)
+    ax.tick_params(labelsize=7)
+  for ax in list(axes.flat)[len(tags):]:
+    ax.axis("off")
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def mean_curve(runs: dict[int | None, Curve], tag: str, x: str):
@@ -225,31 +302,58 @@ def plot(arms: dict[str, dict[int | None, Curve]], path: str, title: str,
   plt.close(fig)
 
 
-def write_sweep(folder: str, output: str) -> str | None:
-  """Writes ``output/results/NAME.png`` and ``.md`` for the sweep in ``folder``; returns the
-  table (None when no run has scores)."""
-  arms = load_sweep(folder)
-  if not arms:
-    return None
+def write_sweep(folder: str, output: str, order: list[str] | None = None) -> str | None:
+  """Writes ``output/results/NAME.png`` and ``.md`` for the sweep in ``folder`` (training runs,
+  or else `pfm.evaluate` results); returns the table (None when no run has scores)."""
   name = os.path.basename(os.path.normpath(folder))
   out_dir = os.path.join(output, "results")
-  plot(arms, os.path.join(out_dir, f"{name}.png"), name)
-  text = table(arms)
+  arms = load_sweep(folder, order)
+  if arms:
+    plot(arms, os.path.join(out_dir, f"{name}.png"), name)
+    text = table(arms)
+  elif evaluations := load_evaluations(folder, order):
+    evaluation_plot(evaluations, os.path.join(out_dir, f"{name}.png"), name)
+    text = evaluation_table(evaluations)
+  else:
+    return None
   with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
     f.write(text)
   return text
+
+
+def arm_order(config: str, sweep_name: str) -> list[str] | None:
+  """The arms of sweep ``sweep_name`` of a sweep config file (``launch.sweep``'s ``sweep(arg)``,
+  or its ``EVALUATIONS`` table of sampling ablations), in the config's order; None if it has
+  no such sweep."""
+  from launch import sweep as sweep_lib  # only when asked: the launcher is not part of pfm
+
+  module = sweep_lib.load_config_module(config)
+  names = None
+  if sweep_name in getattr(module, "EVALUATIONS", {}):
+    names = [run[0] for run in module.EVALUATIONS[sweep_name]]
+  else:
+    try:
+      names = [run.name for run in sweep_lib.expand(f"{config}:{sweep_name}")]
+    except (ValueError, KeyError):
+      return None
+  return list(dict.fromkeys(arm_and_seed(n)[0] for n in names))
 
 
 def main(argv):
   del argv
   for name in sorted(os.listdir(FLAGS.runs)):
     folder = os.path.join(FLAGS.runs, name)
-    if os.path.isdir(folder) and (text := write_sweep(folder, FLAGS.output)) is not None:
+    if not os.path.isdir(folder):
+      continue
+    order = arm_order(FLAGS.config, name) if FLAGS.config else None
+    if (text := write_sweep(folder, FLAGS.output, order)) is not None:
       print(f"## {name}\n\n{text}")
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("runs", None, "A folder of sweeps (each a folder of pfm.train workdirs).")
   flags.DEFINE_string("output", "docs", "Where results/SWEEP.png and .md are written.")
+  flags.DEFINE_string("config", None, "A sweep config (configs/digits.py) whose sweeps give the "
+                      "arms' order; the first arm is each table's reference.")
   flags.mark_flags_as_required(["runs"])
   app.run(main)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from clu import metric_writers
 
 from pfm import results
+
+DIGITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "digits.py")
 
 
 def _write_run(path, scores, pflop_per_step, log_every=50, sample_every=100, steps=300):
@@ -60,3 +65,24 @@ def test_compute_to_reach_interpolates_and_table_reports_it(sweep_folder, tmp_pa
   expected = results.compute_to_reach(xs, ys, final, "lower")
   assert expected < 1.2 * 300 and f"{expected:.3g}" in text.split("Compute")[1]
   assert rows["spatial"]
+
+
+def test_evaluation_sweeps_table_their_metrics_files(tmp_path):
+  """A sweep of pfm.evaluate results (no training logs): a table per arm in the config's order."""
+  import json
+  for arm, fd in (("renoise", (200.0, 220.0)), ("no_renoise", (400.0, 380.0))):
+    for seed, value in enumerate(fd):
+      run = tmp_path / "fig10" / f"{arm},seed={seed}"
+      run.mkdir(parents=True)
+      (run / "metrics.json").write_text(json.dumps(
+          {"frechet_distance": value, "prompt_accuracy": 0.5, "swd": {"avg": 40.0}}))
+  order = results.arm_order(DIGITS, "fig10")
+  assert order == ["renoise", "no_renoise"]
+  text = results.write_sweep(str(tmp_path / "fig10"), str(tmp_path / "out"), order)
+  lines = text.splitlines()
+  assert lines[2].startswith("| renoise | 2 | 210 ± 10 |")
+  assert lines[3].startswith("| no_renoise | 2 | 390 ± 10 |")
+  assert (tmp_path / "out" / "results" / "fig10.png").stat().st_size > 5_000
+  # A training sweep's order comes from the config's sweep(arg).
+  assert results.arm_order(DIGITS, "table2")[0] == "temporal"
+  assert results.arm_order(DIGITS, "not_a_sweep") is None
