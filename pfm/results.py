@@ -321,6 +321,47 @@ def write_sweep(folder: str, output: str, order: list[str] | None = None) -> str
   return text
 
 
+def write_coupling_toy(output: str, num_stages: int = 3) -> str:
+  """The toy of Pyramidal Flow Fig. 13 (``pfm.pyramid.coupling``): trajectories of the exact
+  flow with coupled and with independent endpoint noise (``results/coupling_toy.png``) and each
+  stage's straightness and one-step error (``results/coupling_toy.md``, returned)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  from pfm.pyramid import coupling
+
+  data = coupling.toy_data()
+  flows = {name: coupling.integrate(data, num_stages, name == "coupled")
+           for name in ("coupled", "independent")}
+  fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.2))
+  for ax, (name, flow) in zip(axes, flows.items()):
+    for order, path in enumerate(flow.paths):  # coarsest stage first
+      ax.plot(path[:, :150, 0], path[:, :150, 1], color=f"C{order}", lw=0.4, alpha=0.5)
+    ax.plot(*data.points.T, "k.", markersize=6)
+    ax.set_title(f"{name}: straightness {flow.straightness.sum():.3f}", fontsize=9)
+    ax.set_aspect("equal")
+    ax.tick_params(labelsize=7)
+  fig.suptitle(f"Exact {num_stages}-stage piecewise flow, noise to 8 points (colour: stage, "
+               "coarsest blue)", fontsize=9)
+  fig.tight_layout()
+  out_dir = os.path.join(output, "results")
+  os.makedirs(out_dir, exist_ok=True)
+  fig.savefig(os.path.join(out_dir, "coupling_toy.png"), dpi=110)
+  plt.close(fig)
+  windows = coupling.contiguous_windows(num_stages)[::-1]
+  head = ["endpoint noise"] + [f"stage {num_stages - 1 - i} [{s:.2f}, {e:.2f}]: S / 1-step error"
+                               for i, (s, e) in enumerate(windows)] + ["S total"]
+  lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+  for name, flow in flows.items():
+    cells = [f"{a:.4f} / {b:.3f}" for a, b in zip(flow.straightness, flow.one_step_error)]
+    lines.append("| " + " | ".join([name] + cells + [f"{flow.straightness.sum():.4f}"]) + " |")
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(out_dir, "coupling_toy.md"), "w") as f:
+    f.write(text)
+  return text
+
+
 def arm_order(config: str, sweep_name: str) -> list[str] | None:
   """The arms of sweep ``sweep_name`` of a sweep config file (``launch.sweep``'s ``sweep(arg)``,
   or its ``EVALUATIONS`` table of sampling ablations), in the config's order; None if it has
@@ -348,6 +389,7 @@ def main(argv):
     order = arm_order(FLAGS.config, name) if FLAGS.config else None
     if (text := write_sweep(folder, FLAGS.output, order)) is not None:
       print(f"## {name}\n\n{text}")
+  print(f"## coupling_toy\n\n{write_coupling_toy(FLAGS.output)}")
 
 
 if __name__ == "__main__":

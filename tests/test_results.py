@@ -86,3 +86,12 @@ def test_evaluation_sweeps_table_their_metrics_files(tmp_path):
   # A training sweep's order comes from the config's sweep(arg).
   assert results.arm_order(DIGITS, "table2")[0] == "temporal"
   assert results.arm_order(DIGITS, "not_a_sweep") is None
+
+
+def test_coupling_toy_figure_and_table(tmp_path):
+  text = results.write_coupling_toy(str(tmp_path))
+  rows = [line for line in text.splitlines() if line.startswith("| coupled") or
+          line.startswith("| independent")]
+  total = {r.split(" | ")[0].strip("| "): float(r.rstrip(" |").split(" | ")[-1]) for r in rows}
+  assert total["coupled"] < total["independent"]
+  assert (tmp_path / "results" / "coupling_toy.png").stat().st_size > 20_000
