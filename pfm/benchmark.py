@@ -127,24 +127,38 @@ def _variant(config, spatial: bool, frame_rate_schedule: str, partition: str,
   return validation.validate(c)
 
 
-def _train_seconds_per_sample(spec: spec_lib.RunSpec, graphdef, state, *, repeats: int,
-                              seed: int) -> float:
-  """Mean over stages (weights ``stage_weights``) of train-step seconds per clip, one per row."""
-  pyramid, config = spec.pyramid, spec.config
+def _stage_batch(spec: spec_lib.RunSpec, frames: np.ndarray, k: int,
+                 rng: np.random.Generator) -> batch_lib.PackedBatch:
+  """``data.batch_size`` rows, each the clip at stage k (one clip per row, as TPDiff trains)."""
+  config = spec.config
   data, p = config.data, config.model.patch_size
+  sample = layout.layout_clip(frames, k, spec.pyramid, p)
+  rows = data.batch_size
+  fields = {name: np.broadcast_to(a, (rows, *a.shape)).copy() for name, a in sample.items()}
+  return batch_lib.PackedBatch.from_fields(fields | dict(
+      segment_ids=np.ones(fields["stage"].shape, np.int32),
+      text_tokens=rng.integers(2, 258, (rows, data.caption_length)).astype(np.int32),
+      text_segment_ids=np.ones((rows, data.caption_length), np.int32)))
+
+
+def _train_step_per_sample(spec: spec_lib.RunSpec, graphdef, state, *, repeats: int,
+                           seed: int) -> dict[str, float]:
+  """Means over stages (weights ``stage_weights``) of one clip's train step: ``seconds``
+  (median of ``repeats``, compiled), analytic model ``flop`` (``pfm.throughput.step_flops``)
+  and video ``tokens``."""
+  pyramid, config = spec.pyramid, spec.config
+  data = config.data
   rng = np.random.default_rng(seed)
   frames = rng.uniform(-1, 1, (data.num_frames, data.height, data.width, 3)).astype(np.float32)
   step_fn = train.make_train_step(spec, graphdef)
   weights = np.asarray(config.pyramid.stage_weights, np.float64)
-  seconds = []
+  seconds, flop, tokens = [], [], []
   for k in range(pyramid.num_stages):
-    sample = layout.layout_clip(frames, k, pyramid, p)
-    rows = data.batch_size
-    fields = {name: np.broadcast_to(a, (rows, *a.shape)).copy() for name, a in sample.items()}
-    batch = batch_lib.PackedBatch.from_fields(fields | dict(
-        segment_ids=np.ones(fields["stage"].shape, np.int32),
-        text_tokens=rng.integers(2, 258, (rows, data.caption_length)).astype(np.int32),
-        text_segment_ids=np.ones((rows, data.caption_length), np.int32)))
+    batch = _stage_batch(spec, frames, k, rng)
+    rows = batch.segment_ids.shape[0]
+    counts = throughput_lib.step_flops(batch, spec.model)
+    flop.append(counts["train_useful"] / rows)
+    tokens.append(counts["video_tokens"] / rows)
     state_k = jax.tree.map(jnp.copy, state)
     state_k, metrics = step_fn(state_k, batch)  # compile
     jax.block_until_ready(metrics)
@@ -155,7 +169,30 @@ def _train_seconds_per_sample(spec: spec_lib.RunSpec, graphdef, state, *, repeat
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
     seconds.append(float(np.median(times)) / rows)
-  return float(np.sum(weights * seconds) / weights.sum())
+  mean = lambda values: float(np.sum(weights * np.asarray(values)) / weights.sum())
+  return {"seconds": mean(seconds), "flop": mean(flop), "tokens": mean(tokens)}
+
+
+def sampling_flops(spec: spec_lib.RunSpec, num_frames: int) -> float:
+  """Analytic model FLOPs of sampling one ``num_frames`` clip (full-sequence mode).
+
+  Per Euler step of stage k: the video stream of the MM-DiT on the stage's n_k tokens, for the
+  prompt and the null caption (classifier-free guidance, 2 rows): its linear layers and its
+  attention of n_k queries over n_k video + L_t caption keys. The caption's keys and values are
+  computed once per clip (a clean-conditioned caption, ``MMDiT.encode_context``) and not counted.
+  """
+  config = spec.config
+  m, p = spec.model, config.model.patch_size
+  video_linear, _ = throughput_lib._linear_flops_per_token(m)  # noqa: SLF001 - same model count
+  text = config.data.caption_length
+  total = 0.0
+  for order, k in enumerate(range(spec.pyramid.num_stages - 1, -1, -1)):
+    t, h, w, _ = spec.pyramid.stage_shape((num_frames, config.data.height, config.data.width, 3),
+                                          k)
+    n = t * (h // p) * (w // p)
+    per_step = video_linear * n + 4 * m.width * m.depth * n * (n + text)
+    total += 2 * spec.steps_per_stage[order] * per_step
+  return float(total)
 
 
 def pyramids(config, *, total_steps: int = 30, repeats: int = 3, train_repeats: int = 5,
@@ -163,10 +200,15 @@ def pyramids(config, *, total_steps: int = 30, repeats: int = 3, train_repeats: 
   """Sampling and train-step speedups of each pyramid over vanilla full-sequence diffusion.
 
   Returns:
-    ``{"vanilla_sample_s", "<name>_sample_s", "<name>_sample_speedup", "vanilla_train_ms",
-    "<name>_train_ms", "<name>_train_speedup"}`` for the names of ``PYRAMIDS``: sampling seconds
-    for one clip of ``config.sample.num_frames`` frames (median of ``repeats``, compiled, with
-    classifier-free guidance) and train-step milliseconds per clip.
+    For ``vanilla`` and each name of ``PYRAMIDS``: ``<name>_sample_s`` (seconds to sample one
+    clip of ``config.sample.num_frames`` frames, median of ``repeats``, compiled, with
+    classifier-free guidance), ``<name>_sample_gflop`` (`sampling_flops`),
+    ``<name>_sample_tflops`` (achieved), ``<name>_train_ms``, ``<name>_train_gflop`` and
+    ``<name>_train_tokens`` (one clip's train step: milliseconds, analytic model GFLOP and video
+    tokens, means over the stages), ``<name>_train_tflops``; for the pyramids also
+    ``<name>_{sample,train}_speedup`` (measured, vanilla time over the pyramid's) and
+    ``<name>_{sample,train}_flop_ratio`` (analytic, vanilla FLOPs over the pyramid's); and
+    ``matmul_tflops``, a float32 2048^3 matmul's rate measured in the same run.
   """
   base = _variant(config, False, "", "", total_steps)
   graphdef, state = state_lib.init_state(base)
@@ -185,11 +227,21 @@ def pyramids(config, *, total_steps: int = 30, repeats: int = 3, train_repeats: 
       sampler.generate(prompt, progress=False)
       times.append(time.perf_counter() - start)
     result[f"{name}_sample_s"] = float(np.median(times))
-    result[f"{name}_train_ms"] = 1e3 * _train_seconds_per_sample(
-        c, graphdef, state, repeats=train_repeats, seed=seed)
+    result[f"{name}_sample_gflop"] = sampling_flops(c, c.config.sample.num_frames) / 1e9
+    result[f"{name}_sample_tflops"] = (
+        result[f"{name}_sample_gflop"] / 1e3 / result[f"{name}_sample_s"])
+    step = _train_step_per_sample(c, graphdef, state, repeats=train_repeats, seed=seed)
+    result[f"{name}_train_ms"] = 1e3 * step["seconds"]
+    result[f"{name}_train_gflop"] = step["flop"] / 1e9
+    result[f"{name}_train_tokens"] = step["tokens"]
+    result[f"{name}_train_tflops"] = step["flop"] / 1e12 / step["seconds"]
   for name in PYRAMIDS:
-    result[f"{name}_sample_speedup"] = result["vanilla_sample_s"] / result[f"{name}_sample_s"]
-    result[f"{name}_train_speedup"] = result["vanilla_train_ms"] / result[f"{name}_train_ms"]
+    for kind, unit in (("sample", "s"), ("train", "ms")):
+      result[f"{name}_{kind}_speedup"] = (result[f"vanilla_{kind}_{unit}"]
+                                          / result[f"{name}_{kind}_{unit}"])
+      result[f"{name}_{kind}_flop_ratio"] = (result[f"vanilla_{kind}_gflop"]
+                                             / result[f"{name}_{kind}_gflop"])
+  result["matmul_tflops"] = throughput_lib.measure_matmul_flops() / 1e12
   return result
 
 

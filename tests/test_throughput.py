@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -222,3 +223,27 @@ def test_measure_matmul_flops():
   assert label == "measured matmul" and peak > 0
   assert throughput.default_peak("bfloat16", device_kind="TPU v4") == (275e12,
                                                                        "TPU v4 bfloat16 datasheet")
+
+
+def test_sampling_flops_count_the_video_stream_of_every_step():
+  """``pfm.benchmark.sampling_flops`` = sum over stages of steps x the forward FLOPs of the video
+  stream on 2 rows (guidance), as ``step_flops`` counts them, plus video-to-caption attention."""
+  from configs import vanilla
+  from pfm import benchmark
+  from pfm import spec as spec_lib
+  from pfm.data import layout
+  config = vanilla.full_sequence_config("smoke", num_stages=3, spatial=True,
+                                        frame_rate_schedule="2")
+  spec = spec_lib.resolve(config)
+  frames = np.zeros((4, 16, 16, 3), np.float32)
+  expected, m, lt = 0.0, spec.model, config.data.caption_length
+  for order, k in enumerate(range(2, -1, -1)):
+    sample = layout.layout_clip(frames, k, spec.pyramid, config.model.patch_size)
+    n = len(sample["stage"])
+    video_only = throughput.step_flops(SimpleNamespace(
+        segment_ids=np.ones((2, n), np.int32), causal_block=np.zeros((2, n), np.int32),
+        text_segment_ids=np.zeros((2, 1), np.int32)), m)
+    assert video_only["pooling_useful"] == 0
+    expected += spec.steps_per_stage[order] * (
+        video_only["forward_useful"] + 2 * 4 * m.width * m.depth * n * lt)
+  assert benchmark.sampling_flops(spec, 4) == pytest.approx(expected, rel=1e-9)
