@@ -6,8 +6,9 @@ setup(
     name="pfm",
     version="0.1.0",
     description="Pyramidal flow matching and temporal pyramid video diffusion in JAX/Flax NNX",
-    # `launch` is installed too, so `python -m launch.local` works from any folder.
-    packages=find_packages(include=["pfm", "pfm.*", "launch", "launch.*"]),
+    # `launch` and `configs` are installed too, so `python -m launch.local` and
+    # `from configs import default` work from any folder (notebooks, Colab).
+    packages=find_packages(include=["pfm", "pfm.*", "launch", "launch.*", "configs"]),
     python_requires=">=3.11",
     # Ranges known to work together (checked on CPU, Python 3.11).
     install_requires=[
@@ -38,7 +39,9 @@ setup(
     ],
     extras_require={
         # pytest-xdist: the suite runs in one worker per core (up to 4), a test file per worker.
-        "test": ["pytest>=8", "pytest-xdist>=3.5,<4"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5,<4",
+                 # tests/test_notebooks.py runs the notebooks as a user would.
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
     },

@@ -77,7 +77,7 @@ def full_sequence_config(arg: str | None, *, num_stages: int, spatial: bool,
     c.data.max_tokens = 64
     c.data.max_text_tokens = 192
     c.sample.num_frames = 4
-    c.sample.steps_per_stage = (2,) * num_stages
+    c.sample.total_steps = 6  # split over the stages: also valid when num_stages is overridden
   return c
 
 
