@@ -32,6 +32,9 @@ import re
 from absl import app, flags, logging
 import numpy as np
 
+from pfm import evaluate  # its scalars() name the scores as training logs them
+from pfm.pyramid import coupling
+
 FLAGS = flags.FLAGS
 
 # (tag, label, better): the scores plotted and tabled, in order.
@@ -151,8 +154,6 @@ def load_evaluations(folder: str, order: list[str] | None = None
                      ) -> dict[str, dict[int | None, dict[str, float]]]:
   """``{arm: {seed: {eval/ tag: score}}}`` of the ``RUN/metrics.json`` files in ``folder`` that
   have no training logs beside them (`pfm.evaluate` results)."""
-  from pfm import evaluate  # its scalars() names the scores as training logs them
-
   arms: dict[str, dict] = collections.defaultdict(dict)
   for name in sorted(os.listdir(folder)):
     path = os.path.join(folder, name)
@@ -328,8 +329,6 @@ def write_coupling_toy(output: str, num_stages: int = 3) -> str:
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
-
-  from pfm.pyramid import coupling
 
   data = coupling.toy_data()
   flows = {name: coupling.integrate(data, num_stages, name == "coupled")
