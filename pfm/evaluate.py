@@ -16,6 +16,9 @@ download (``pfm.metrics``):
   the workdir (``digit_classifier.npz``; trained there in seconds if missing), the Fréchet
   distance in that classifier's features and the sliced Wasserstein distance, both against the
   test split's first ``max(num_prompts, 64)`` real clips (held-out handwriting).
+* **Both**: the *seam ratio* on the model's patch grid (``pfm.metrics.seams``): steps across
+  patch borders over steps inside patches, about 1 for real frames (``seam_ratio_real``, the
+  reference clips' own ratio) and above 1 where the patch grid shows.
 
 Writes ``metrics.json`` (``--output``, default in the workdir; its folder is made) and prints
 it. ``--norenoise`` samples without the corrective noise at the jump points (the ablation of
@@ -36,6 +39,7 @@ from pfm import sample as sample_lib
 from pfm import spec as spec_lib
 from pfm.data import pipeline
 from pfm.metrics import digits as digits_lib
+from pfm.metrics import seams as seams_lib
 from pfm.metrics import swd as swd_lib
 
 FLAGS = flags.FLAGS
@@ -110,7 +114,8 @@ def score(spec: spec_lib.RunSpec, records: list[dict], videos: list[np.ndarray],
     (per prompt, the assigned record index), ``distances`` ``[G, R]``, ``swd`` (the per-level
     and ``avg`` SWD x 10^3). Moving Digits: ``prompt_accuracy``, ``identity_consistency``,
     ``direction_accuracy``, ``motion_smoothness``, ``frechet_distance``, ``swd``, ``per_clip``.
-    Both: ``num_prompts`` and ``captions``.
+    Both: ``num_prompts``, ``captions``, and ``seam_ratio`` on the model's patch grid
+    (``pfm.metrics.seams``) of the generated frames and (``seam_ratio_real``) of the real ones.
   """
   cfg = spec.config
   result = {"num_prompts": len(records), "captions": [r["text"] for r in records]}
@@ -133,13 +138,16 @@ def score(spec: spec_lib.RunSpec, records: list[dict], videos: list[np.ndarray],
                    assignment=[int(a) for a in assigned], distances=distances.round(5).tolist())
     references = np.concatenate(reference_videos)
   result["swd"] = swd_lib.sliced_wasserstein(frames, references)
+  patch = int(cfg.model.patch_size)
+  result["seam_ratio"] = seams_lib.seam_ratio(frames, patch)
+  result["seam_ratio_real"] = seams_lib.seam_ratio(references, patch)
   return result
 
 
 def scalars(result: dict) -> dict[str, float]:
   """The headline numbers of a `score` result, as ``eval/...`` scalars for the metric writers."""
   names = ("prompt_to_video_accuracy", "prompt_accuracy", "identity_consistency",
-           "direction_accuracy", "motion_smoothness", "frechet_distance")
+           "direction_accuracy", "motion_smoothness", "frechet_distance", "seam_ratio")
   out = {f"eval/{name}": float(result[name]) for name in names if name in result}
   out |= {f"eval/swd_{level}": float(v) for level, v in result["swd"].items()}
   return out

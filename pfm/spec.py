@@ -53,6 +53,7 @@ OPTIONAL_FIELDS: dict[str, Any] = {
     "model.param_dtype": "float32",
     "model.scan_layers": False,
     "model.remat_policy": "none",
+    "model.output_head": "patch",
     "train.microbatches": 1,
     "sample.steps_per_stage": (),     # full sequence; (): sample.total_steps split by partition
     "sample.total_steps": 30,
@@ -135,7 +136,7 @@ def resolve(config: ml_collections.ConfigDict | RunSpec) -> RunSpec:
   model = models.model_config(
       m.variant, patch_size=m.patch_size, attention_backend=m.attention, dtype=m.dtype,
       param_dtype=m.param_dtype, text_time_conditioning=m.text_time_conditioning,
-      scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+      scan_layers=m.scan_layers, remat_policy=m.remat_policy, output_head=m.output_head)
   obj = objective.ObjectiveConfig(
       windows=pyramid.windows, time_distribution=p.time_distribution,
       history_noise_max=float(p.history_noise_max), caption_dropout=float(m.caption_dropout),

@@ -242,7 +242,7 @@ def _linear_flops_per_token(config: MMDiTConfig) -> tuple[int, int]:
   block = 2 * (6 * d * d + 3 * d * d + d * d + 2 * d * hidden)  # modulation, QKV, out, MLP
   pre_only = 2 * (2 * d * d + 3 * d * d)             # modulation (shift, scale) and QKV
   video = (2 * p * d + time_mlp + config.depth * block
-           + 2 * (2 * d * d + d * p))                # final layer: modulation, linear
+           + 2 * (2 * d * d + d * config.output_dim))  # final layer: modulation, linear
   if config.text_depth > 0:                          # byte encoder: QKV, out, MLP per layer
     encoder = config.text_depth * 2 * (4 * dt * dt + 2 * dt * text_hidden)
   else:                                              # projection of precomputed embeddings

@@ -110,6 +110,12 @@ def _check_scale_out(spec: spec_lib.RunSpec) -> None:
   if c.model.remat_policy not in models.REMAT_POLICY_NAMES:
     raise ValueError(f"config.model.remat_policy={c.model.remat_policy!r} is not one of "
                      f"{models.REMAT_POLICY_NAMES}")
+  if c.model.output_head not in models.OUTPUT_HEADS:
+    raise ValueError(f"config.model.output_head={c.model.output_head!r} is not one of "
+                     f"{models.OUTPUT_HEADS}")
+  if c.model.output_head == "overlap" and c.model.patch_size % 2:
+    raise ValueError(f"config.model.output_head='overlap' needs an even config.model.patch_size,"
+                     f" got {c.model.patch_size}")
   for field in ("dtype", "param_dtype"):
     if c.model[field] not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"config.model.{field}={c.model[field]!r}: use float32, bfloat16 "

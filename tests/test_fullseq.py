@@ -195,6 +195,7 @@ def test_pipeline_full_sequence_batches_with_alignment():
     ("pyramid.diffusion", "ddpm", "config.pyramid.diffusion"),
     ("model.prediction", "epsilon", "config.model.prediction"),
     ("mode", "bidirectional", "config.mode"),
+    ("model.output_head", "conv", "config.model.output_head"),
 ])
 def test_autoregressive_config_errors_name_the_field(field, value, match):
   config = default.get_config("smoke")

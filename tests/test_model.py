@@ -232,6 +232,20 @@ def test_blockwise_causal_later_frame(model, batch, base_out):
   assert d[1].max() <= 1e-6  # Other row.
 
 
+def test_overlap_head_blends_within_a_frame_only(batch, base_out):
+  """The overlapping head: patch-sized outputs; frames, samples and rows stay apart."""
+  model = build(dataclasses.replace(SMOKE, output_head="overlap"))
+  out = np.asarray(forward(model, batch))
+  assert out.shape == base_out.shape and np.all(np.isfinite(out))
+  np.testing.assert_array_equal(out[np.asarray(batch["video_segment_ids"]) == 0], 0.0)
+  later = _where(batch, 0, 1, frame=2)
+  tokens = batch["video_tokens"].at[0].add(jnp.where(later[:, None], 1.0, 0.0))
+  d = _diff(forward(model, {**batch, "video_tokens": tokens}), out)
+  earlier = _where(batch, 0, 1, frame=0) | _where(batch, 0, 1, frame=1)
+  assert d[0][earlier].max() <= 1e-6 and d[0][_where(batch, 0, 2)].max() <= 1e-6
+  assert d[0][later].min() > 1e-4 and d[1].max() <= 1e-6
+
+
 def test_earlier_frame_affects_later(model, batch, base_out):
   first = _where(batch, 0, 1, frame=0)
   tokens = batch["video_tokens"].at[0].add(jnp.where(first[:, None], 1.0, 0.0))
@@ -564,10 +578,12 @@ def test_2b_parameter_count():
   assert models.count_params(nnx.split(abstract)[1]) == n
 
 
-@pytest.mark.parametrize("text_time_conditioning", [True, False])
-def test_cached_context_decode_equals_full_forward(batch, text_time_conditioning):
+@pytest.mark.parametrize("text_time_conditioning,output_head",
+                         [(True, "patch"), (False, "patch"), (False, "overlap")])
+def test_cached_context_decode_equals_full_forward(batch, text_time_conditioning, output_head):
   """encode_context on captions + history, then decode of the last unit == the full forward."""
-  config = dataclasses.replace(SMOKE, text_time_conditioning=text_time_conditioning)
+  config = dataclasses.replace(
+    SMOKE, text_time_conditioning=text_time_conditioning, output_head=output_head)
   model = build(config)
   full = np.asarray(forward(model, batch))
   new = np.arange(8, 12)  # frame 2 of segment 1 in both rows

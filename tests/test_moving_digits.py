@@ -239,8 +239,8 @@ def test_tfds_build_matches_the_source(tmp_path):
 
 
 def test_evaluate_scores_real_videos_against_their_own_frames():
-  """The default videos' own clips, scored as if generated: each lands on its own video, and
-  the SWD to their frames is far below that of noise."""
+  """The default videos' own clips, scored as if generated: each lands on its own video, the
+  SWD to their frames is far below that of noise, and they show no patch grid."""
   from configs import default as default_config
   from pfm import evaluate
 
@@ -252,4 +252,8 @@ def test_evaluate_scores_real_videos_against_their_own_frames():
   noise = [np.random.default_rng(i).integers(0, 256, c.shape, np.uint8) for i, c in
            enumerate(clips)]
   assert evaluate.score(spec, records, noise)["swd"]["avg"] > 3 * real["swd"]["avg"]
-  assert set(evaluate.scalars(real)) >= {"eval/prompt_to_video_accuracy", "eval/swd_avg"}
+  assert set(evaluate.scalars(real)) >= {"eval/prompt_to_video_accuracy", "eval/swd_avg",
+                                         "eval/seam_ratio"}
+  # The real clips on the smoke config's 4x4 patch grid: no seams, like their references.
+  assert 0.8 < real["seam_ratio"] < 1.25
+  assert abs(real["seam_ratio"] - real["seam_ratio_real"]) < 0.1

@@ -12,6 +12,7 @@ Modules, lowest first (each imports only modules above it in this list):
   embeddings    sinusoidal position / noise-level embeddings and RoPE
   attention     attention projections (`QKV`, `attention_output`)
   text          the byte-level caption encoder and per-segment pooling
+  overlap       the overlapping output head: 2p x 2p windows blended into patches
   presets       `MMDiTConfig` and the size presets `VARIANTS`
   blocks        `StreamBlock`, `JointBlock`, `FinalLayer`
   stacking      stacked blocks under `jax.lax.scan`, remat policies, checkpoint layouts
@@ -25,7 +26,7 @@ from pfm.models.kernels import ATTENTION_BACKENDS, check_backend, dot_product_at
 from pfm.models.masks import MaskInfo, make_attention_mask
 from pfm.models.mmdit import MMDiT, build_model, count_params
 from pfm.models.partitioning import logical_to_mesh_axes, with_logical_constraint
-from pfm.models.presets import VARIANTS, MMDiTConfig, model_config
+from pfm.models.presets import OUTPUT_HEADS, VARIANTS, MMDiTConfig, model_config
 from pfm.models.stacking import REMAT_POLICY_NAMES
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
   "MMDiT",
   "MMDiTConfig",
   "MaskInfo",
+  "OUTPUT_HEADS",
   "REMAT_POLICY_NAMES",
   "VARIANTS",
   "build_model",

@@ -132,7 +132,10 @@ class JointBlock(nnx.Module):
 
 
 class FinalLayer(nnx.Module):
-  """adaLN-modulated LayerNorm and a zero-initialised Linear to the patch features.
+  """adaLN-modulated LayerNorm and a zero-initialised Linear to the output features.
+
+  ``config.output_dim`` features per token: the patch, or the overlapping window of
+  ``output_head="overlap"`` (blended into patches by `pfm.models.overlap.overlap_add`).
 
   Computed in float32 whatever the model's compute dtype: it is one small matmul per token, and
   the velocity it produces is regressed directly.
@@ -144,10 +147,10 @@ class FinalLayer(nnx.Module):
     self.modulation = linear_general(
       config.width, (2, config.width), ("embed", None, "mlp"), kernel_init=zeros, **kw)
     self.linear = linear(
-      config.width, config.patch_dim, ("embed", None), kernel_init=zeros, **kw)
+      config.width, config.output_dim, ("embed", None), kernel_init=zeros, **kw)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-    """x, c: [B, L, D] any float dtype -> float32 [B, L, patch_dim]."""
+    """x, c: [B, L, D] any float dtype -> float32 [B, L, output_dim]."""
     x, c = x.astype(jnp.float32), c.astype(jnp.float32)
     mod = self.modulation(jax.nn.silu(c))
     h = layer_norm_no_affine(x, self.epsilon) * (1 + mod[:, :, 1]) + mod[:, :, 0]

@@ -20,8 +20,13 @@ with depth; `MMDiTConfig.remat_policy` recomputes each block's activations in th
 are bfloat16 while parameters, normalisation statistics, attention logits/softmax, RoPE angles
 and the final layer stay float32.
 
-Parts: `presets` (config and sizes), `blocks` (joint blocks), `stacking` (scan, remat, layouts),
-`masks` / `kernels` / `attention` (mask, attention kernels, projections), `text`, `embeddings`.
+Output: the final layer's per-token features are each token's patch, or with
+`MMDiTConfig.output_head="overlap"` a 2p x 2p window blended with its neighbours'
+(`pfm.models.overlap`), which removes the seams of the patch grid.
+
+Parts: `presets` (config and sizes), `blocks` (joint blocks), `overlap` (the overlapping head),
+`stacking` (scan, remat, layouts), `masks` / `kernels` / `attention` (mask, attention kernels,
+projections), `text`, `embeddings`.
 """
 
 from __future__ import annotations
@@ -39,10 +44,11 @@ from pfm.models.axes import ACT_EMBED
 from pfm.models.blocks import FinalLayer, JointBlock
 from pfm.models.embeddings import (
   MLPEmbedder, TimestepEmbedder, rope_angles, spatial_position_embedding)
+from pfm.models import overlap
 from pfm.models.layers import linear
 from pfm.models.masks import TEXT_CAUSAL_BLOCK, MaskInfo
 from pfm.models.partitioning import with_logical_constraint
-from pfm.models.presets import MMDiTConfig, model_config
+from pfm.models.presets import OUTPUT_HEADS, MMDiTConfig, model_config
 from pfm.models.stacking import call_block, remat_policy, scan_blocks, scan_decode, stacked_blocks
 from pfm.models.text import ByteTextEncoder, segment_mean
 
@@ -80,7 +86,8 @@ class MMDiT(nnx.Module):
   stacked on a leading "layers" axis (None for depth 1) and `last_block` the last block.
 
   Raises:
-    ValueError: on inconsistent sizes, no text input, depth < 1 or an unknown remat_policy.
+    ValueError: on inconsistent sizes, no text input, depth < 1, an unknown remat_policy or
+      output_head, or the overlapping head with an odd patch size.
   """
 
   def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs):
@@ -92,6 +99,10 @@ class MMDiT(nnx.Module):
       raise ValueError("Set text_depth > 0 or text_embed_dim: the model needs a text input.")
     if config.depth < 1:
       raise ValueError(f"depth must be at least 1, got {config.depth}.")
+    if config.output_head not in OUTPUT_HEADS:
+      raise ValueError(f"output_head={config.output_head!r} is not one of {OUTPUT_HEADS}.")
+    if config.output_head == "overlap" and config.patch_size % 2:
+      raise ValueError(f"output_head='overlap' needs an even patch size, got {config.patch_size}.")
     remat_policy(config.remat_policy)  # Validates the name.
     self.config = config
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
@@ -166,7 +177,7 @@ class MMDiT(nnx.Module):
         model has the matching input.
     """
     _, x_video, c_video = self._forward(video, text, collect_kv=False)
-    return self._output(x_video, c_video, video.segment_ids)
+    return self._output(x_video, c_video, video)
 
   def encode_context(self, video: VideoTokens, text: TextTokens) -> ContextCache:
     """Keys/values of tokens that later frame units only read: captions and clean history.
@@ -204,7 +215,7 @@ class MMDiT(nnx.Module):
     else:
       for block, kv in zip(self.blocks, context.kv):
         x_video = block.decode(x_video, c_video, angles, mask, kv)
-    return self._output(x_video, c_video, video.segment_ids)
+    return self._output(x_video, c_video, video)
 
   # -- shared pieces ---------------------------------------------------------------------------
 
@@ -266,9 +277,13 @@ class MMDiT(nnx.Module):
                            stacked_kv=stacked_kv)
     return context, x_video, c_video
 
-  def _output(self, x_video, c_video, video_segment_ids):
+  def _output(self, x_video, c_video, video: VideoTokens):
     out = self.final_layer(x_video, c_video).astype(jnp.float32)
-    return jnp.where(video_segment_ids[..., None] != 0, out, 0.0)
+    if self.config.output_head == "overlap":
+      neighbours = overlap.neighbour_indices(
+        video.segment_ids, video.rope_positions, video.positions)
+      out = overlap.overlap_add(out, neighbours, self.config.patch_size)
+    return jnp.where(video.segment_ids[..., None] != 0, out, 0.0)
 
 
 def build_model(config: MMDiTConfig | str | Mapping[str, Any], rngs: nnx.Rngs) -> MMDiT:

@@ -64,6 +64,10 @@ class MMDiTConfig:
       attention-weighted values included (more memory than "dots", less recomputation).
       Values and gradients do not depend on the policy (`stacking.REMAT_POLICIES`). Unknown
       names raise ValueError when the model is built.
+    output_head: how video tokens become pixels: "patch" (DiT / SD3: each token's final linear
+      layer gives its own p x p patch) or "overlap" (each token gives a 2p x 2p window, blended
+      with its neighbours' by a tent, so the output has no seams on the patch grid;
+      `pfm.models.overlap`; needs an even patch size).
   """
 
   patch_size: int = 2
@@ -89,6 +93,7 @@ class MMDiTConfig:
   text_time_conditioning: bool = True
   scan_layers: bool = False
   remat_policy: str = "none"
+  output_head: str = "patch"
 
   @property
   def patch_dim(self) -> int:
@@ -96,9 +101,16 @@ class MMDiTConfig:
     return self.patch_size * self.patch_size * self.channels
 
   @property
+  def output_dim(self) -> int:
+    """Features of the final layer per token: patch_dim, or (2p)^2 * channels for "overlap"."""
+    return self.patch_dim * (4 if self.output_head == "overlap" else 1)
+
+  @property
   def head_dim(self) -> int:
     return self.width // self.num_heads
 
+
+OUTPUT_HEADS = ("patch", "overlap")
 
 # Size presets. "2B" is the paper's model: SD3-Medium's MM-DiT, 24 layers, width 1536, 24 heads.
 VARIANTS: dict[str, dict[str, Any]] = {
