@@ -1,6 +1,7 @@
 r"""Speed measurements, each a ratio taken in one run on one machine.
 
   python -m pfm.benchmark --config=configs/vanilla.py --benchmark=pyramids
+  python -m pfm.benchmark --config=configs/vanilla.py --benchmark=stage_profile
   python -m pfm.benchmark --config=configs/default.py --benchmark=sample_cache
   python -m pfm.benchmark --config=configs/default.py --benchmark=alignment
   python -m pfm.benchmark --config=configs/default.py --benchmark=throughput
@@ -11,6 +12,9 @@ against vanilla full-rate, full-resolution full-sequence sampling with the same 
 steps (``--steps``, default 30: 10 per stage, TPDiff's Table 3 setting), and the train-step
 time per sample averaged over the stages (each stage's batch unpacked, one clip per row, as TPDiff
 trains) against vanilla training.
+``stage_profile``: where each pyramid's sampling time goes: per stage, the time of one Euler step
+(measured by adding steps to that stage alone), its FLOPs and achieved FLOP/s, and the fixed cost
+of a clip outside the steps.
 ``sample_cache``: seconds to sample ``config.sample.num_frames`` frame units with and without the
 caption + history key/value cache (``MMDiT.encode_context`` / ``MMDiT.decode``), on the config's
 model with captions conditioned on their own clean level (the setting that allows the cache) and
@@ -173,26 +177,95 @@ def _train_step_per_sample(spec: spec_lib.RunSpec, graphdef, state, *, repeats: 
   return {"seconds": mean(seconds), "flop": mean(flop), "tokens": mean(tokens)}
 
 
-def sampling_flops(spec: spec_lib.RunSpec, num_frames: int) -> float:
-  """Analytic model FLOPs of sampling one ``num_frames`` clip (full-sequence mode).
+def stage_step_flops(spec: spec_lib.RunSpec, num_frames: int) -> list[tuple[int, float]]:
+  """Per stage, coarsest first: (video tokens, analytic model FLOPs of one Euler step).
 
-  Per Euler step of stage k: the video stream of the MM-DiT on the stage's n_k tokens, for the
-  prompt and the null caption (classifier-free guidance, 2 rows): its linear layers and its
+  One Euler step of stage k runs the video stream of the MM-DiT on the stage's n_k tokens, for
+  the prompt and the null caption (classifier-free guidance, 2 rows): its linear layers and its
   attention of n_k queries over n_k video + L_t caption keys. The caption's keys and values are
   computed once per clip (a clean-conditioned caption, ``MMDiT.encode_context``) and not counted.
   """
   config = spec.config
   m, p = spec.model, config.model.patch_size
-  video_linear, _ = throughput_lib._linear_flops_per_token(m)  # noqa: SLF001 - same model count
+  video_linear, _ = throughput_lib.linear_flops_per_token(m)
   text = config.data.caption_length
-  total = 0.0
-  for order, k in enumerate(range(spec.pyramid.num_stages - 1, -1, -1)):
+  out = []
+  for k in range(spec.pyramid.num_stages - 1, -1, -1):
     t, h, w, _ = spec.pyramid.stage_shape((num_frames, config.data.height, config.data.width, 3),
                                           k)
     n = t * (h // p) * (w // p)
-    per_step = video_linear * n + 4 * m.width * m.depth * n * (n + text)
-    total += 2 * spec.steps_per_stage[order] * per_step
-  return float(total)
+    out.append((n, 2.0 * (video_linear * n + 4 * m.width * m.depth * n * (n + text))))
+  return out
+
+
+def sampling_flops(spec: spec_lib.RunSpec, num_frames: int) -> float:
+  """Analytic model FLOPs of sampling one ``num_frames`` clip (full-sequence mode): the sum over
+  stages of their steps times `stage_step_flops`."""
+  return float(sum(steps * flop for steps, (_, flop) in
+                   zip(spec.steps_per_stage, stage_step_flops(spec, num_frames))))
+
+
+def _median_seconds(fn, repeats: int) -> float:
+  """Median wall time of ``fn()`` over ``repeats`` calls, after one untimed (compiling) call."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def stage_profile(config, *, total_steps: int = 30, extra_steps: int = 10, repeats: int = 3,
+                  prompt: str = "a benchmark prompt", seed: int = 0) -> dict:
+  """Where the sampling time of each pyramid goes: per stage, and outside the Euler steps.
+
+  Sampling is one compiled program per step schedule, so a stage's time per Euler step is
+  measured by difference: the clip's sampling time with ``extra_steps`` more steps at that stage
+  minus the time with the schedule of ``total_steps``, over ``extra_steps``. What the steps do not
+  explain (the time of the schedule minus the sum of steps x time per step) is the fixed cost of a
+  clip: the initial noise, the caption's keys and values, the jumps between stages (upsampling,
+  renoising) and the transfer to the host.
+
+  Returns:
+    For ``vanilla`` and each name of ``PYRAMIDS``, per stage i (coarsest first):
+    ``<name>_stage<i>_tokens``, ``<name>_stage<i>_gflop_per_step`` (`stage_step_flops`),
+    ``<name>_stage<i>_ms_per_step``, ``<name>_stage<i>_tflops`` (achieved) and
+    ``<name>_stage<i>_time_share`` (the stage's steps' share of the clip's time); and
+    ``<name>_sample_s`` (the clip, median of ``repeats``), ``<name>_fixed_ms`` (what the steps do
+    not explain); ``matmul_tflops`` of a float32 2048^3 matmul in the same run.
+  """
+  base = _variant(config, False, "", "", total_steps)
+  graphdef, state = state_lib.init_state(base)
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype),
+                        state["params"])
+  variants = {"vanilla": base} | {
+      name: _variant(config, *pyramid, total_steps) for name, pyramid in PYRAMIDS.items()}
+  result = {}
+  for name, c in variants.items():
+    sampler = sample_lib.Sampler(c, graphdef, params)
+    steps = tuple(c.steps_per_stage)
+
+    def clip_seconds(schedule):
+      return _median_seconds(lambda: sampler.generate(
+          prompt, first_frame_steps=schedule, progress=False), repeats)
+
+    total = clip_seconds(steps)
+    stages = stage_step_flops(c, c.config.sample.num_frames)
+    explained = 0.0
+    for i, (tokens, flop) in enumerate(stages):
+      more = tuple(n + extra_steps * (j == i) for j, n in enumerate(steps))
+      per_step = max(clip_seconds(more) - total, 0.0) / extra_steps
+      explained += steps[i] * per_step
+      result |= {f"{name}_stage{i}_tokens": tokens,
+                 f"{name}_stage{i}_gflop_per_step": flop / 1e9,
+                 f"{name}_stage{i}_ms_per_step": 1e3 * per_step,
+                 f"{name}_stage{i}_tflops": flop / 1e12 / per_step if per_step else float("nan"),
+                 f"{name}_stage{i}_time_share": steps[i] * per_step / total}
+    result |= {f"{name}_sample_s": total, f"{name}_fixed_ms": 1e3 * (total - explained)}
+  result["matmul_tflops"] = throughput_lib.measure_matmul_flops() / 1e12
+  return result
 
 
 def pyramids(config, *, total_steps: int = 30, repeats: int = 3, train_repeats: int = 5,
@@ -220,13 +293,8 @@ def pyramids(config, *, total_steps: int = 30, repeats: int = 3, train_repeats: 
   result = {}
   for name, c in variants.items():
     sampler = sample_lib.Sampler(c, graphdef, params)
-    sampler.generate(prompt, progress=False)  # compile
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      sampler.generate(prompt, progress=False)
-      times.append(time.perf_counter() - start)
-    result[f"{name}_sample_s"] = float(np.median(times))
+    result[f"{name}_sample_s"] = _median_seconds(
+        lambda: sampler.generate(prompt, progress=False), repeats)
     result[f"{name}_sample_gflop"] = sampling_flops(c, c.config.sample.num_frames) / 1e9
     result[f"{name}_sample_tflops"] = (
         result[f"{name}_sample_gflop"] / 1e3 / result[f"{name}_sample_s"])
@@ -343,7 +411,8 @@ def throughput(config, *, variant: str | None = THROUGHPUT_VARIANT, steps: int =
   }
 
 
-BENCHMARKS = {"pyramids": pyramids, "sample_cache": sample_cache, "alignment": alignment,
+BENCHMARKS = {"pyramids": pyramids, "stage_profile": stage_profile,
+              "sample_cache": sample_cache, "alignment": alignment,
               "throughput": throughput}
 
 

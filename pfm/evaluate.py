@@ -21,7 +21,8 @@ download (``pfm.metrics``):
   reference clips' own ratio) and above 1 where the patch grid shows.
 
 Writes ``metrics.json`` (``--output``, default in the workdir; its folder is made) and prints
-it. ``--norenoise`` samples without the corrective noise at the jump points (the ablation of
+it; ``--frames=PATH.png`` also writes the generated frames as one image. ``--norenoise``
+samples without the corrective noise at the jump points (the ablation of
 Pyramidal Flow Fig. 10).
 """
 
@@ -38,6 +39,7 @@ from pfm import errors
 from pfm import sample as sample_lib
 from pfm import spec as spec_lib
 from pfm.data import pipeline
+from pfm.data import video as video_lib
 from pfm.metrics import digits as digits_lib
 from pfm.metrics import seams as seams_lib
 from pfm.metrics import swd as swd_lib
@@ -174,6 +176,8 @@ def main(argv):
   result = score(spec, records, videos, classifier=classifier)
   result["sampling"] = {"renoise": sampler.renoise, "seed": FLAGS.seed, "step": FLAGS.step}
   print(json.dumps(result, indent=2))
+  if FLAGS.frames:
+    video_lib.write_frame_grid(FLAGS.frames, videos, every=FLAGS.frames_every, scale=2)
   output = FLAGS.output or os.path.join(FLAGS.workdir, METRICS_FILE)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   with open(output, "w") as f:
@@ -190,6 +194,9 @@ if __name__ == "__main__":
                       "the samples with; trained and saved there if missing (default: "
                       "WORKDIR/digit_classifier.npz).")
   flags.DEFINE_string("output", None, "Where to write the scores (default: WORKDIR/metrics.json).")
+  flags.DEFINE_string("frames", None, "Also write the generated videos as one PNG here, a row "
+                      "per prompt (lossless frames, each pixel enlarged 2x).")
+  flags.DEFINE_integer("frames_every", 3, "Frame stride of --frames.")
   flags.DEFINE_boolean("renoise", None, "Corrective noise at the jump points (default: the run's "
                        "sample.renoise); --norenoise samples without it (Pyramidal Flow Fig. 10).")
   flags.mark_flags_as_required(["workdir"])

@@ -234,7 +234,7 @@ def cross_pairs(q_segment_ids: np.ndarray, kv_segment_ids: np.ndarray) -> np.nda
   return (counts(q) * counts(k)).sum(axis=1)
 
 
-def _linear_flops_per_token(config: MMDiTConfig) -> tuple[int, int]:
+def linear_flops_per_token(config: MMDiTConfig) -> tuple[int, int]:
   """Forward matmul FLOPs of the linear layers per (video token, text token), 2 m n k each."""
   d, dt, f, p = config.width, config.text_width, config.time_frequency_dim, config.patch_dim
   hidden, text_hidden = int(d * config.mlp_ratio), int(dt * config.text_mlp_ratio)
@@ -293,7 +293,7 @@ def step_flops(batch: PackedBatch, config: MMDiTConfig) -> dict[str, float]:
   n_video = int(np.count_nonzero(seg))
   n_text = int(np.count_nonzero(text_seg))
 
-  video_linear, text_linear = _linear_flops_per_token(config)
+  video_linear, text_linear = linear_flops_per_token(config)
   linear_useful = video_linear * n_video + text_linear * n_text
   linear_dense = rows * (video_linear * length + text_linear * text_length)
 

@@ -265,6 +265,18 @@ def test_write_mp4(tmp_path):
   assert np.abs(video.read_frames(path).astype(int) - frames).mean() < 8  # Lossy codec.
 
 
+def test_write_frame_grid_is_lossless(tmp_path):
+  rng = np.random.default_rng(0)
+  videos = [rng.integers(0, 256, (7, 8, 6, 3), np.uint8) for _ in range(2)]
+  path = str(tmp_path / "out" / "grid.png")
+  video.write_frame_grid(path, videos, every=3, scale=2)
+  grid = video.read_image(path)
+  assert grid.shape == (2 * 8 * 2, 3 * 6 * 2, 3)            # 2 rows of frames 0, 3, 6
+  np.testing.assert_array_equal(grid[16:32:2, 12:24:2], videos[1][3])
+  with pytest.raises(ValueError, match="one size"):
+    video.write_frame_grid(path, [videos[0], videos[1][:, :4]])
+
+
 def test_manifest_skips_bad_records(media_dir, tmp_path):
   path = tmp_path / "mixed.jsonl"
   # Relative paths resolve against the manifest's folder.

@@ -38,22 +38,13 @@ def test_quickstart_trains_samples_and_shows_the_video(tmp_path, monkeypatch):
   assert outputs(notebook, "image/png")  # the frame strip
 
 
-def _set(config, dotted: str, value) -> None:
-  *sections, key = dotted.split(".")
-  node = config
-  for section in sections:
-    node = node[section]
-  node[key] = value
-
-
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory):
   """Two Moving Digits smoke runs, full resolution and spatial pyramid, as one sweep."""
   root = tmp_path_factory.mktemp("runs")
   for arm, overrides in (("full", digits.FULL), ("spatial", digits.SPATIAL)):
     config = digits.get_config("smoke")
-    for field, value in overrides.items():
-      _set(config, field, value)
+    config.update_from_flattened_dict(dict(overrides))
     config.model.patch_size = 4  # the smoke clips' 16x16 frames tile 3 stages at patch 4
     train.train_and_evaluate(config, str(root / "fig7" / f"{arm},seed=0"))
   return root

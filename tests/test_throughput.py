@@ -247,3 +247,22 @@ def test_sampling_flops_count_the_video_stream_of_every_step():
     expected += spec.steps_per_stage[order] * (
         video_only["forward_useful"] + 2 * 4 * m.width * m.depth * n * lt)
   assert benchmark.sampling_flops(spec, 4) == pytest.approx(expected, rel=1e-9)
+
+
+def test_stage_profile_splits_the_sampling_time_by_stage():
+  """Every pyramid's stages, coarsest first, with the tokens and FLOPs `stage_step_flops` counts
+  and a measured time per step."""
+  from configs import vanilla
+  from pfm import benchmark
+  config = vanilla.get_config("smoke")
+  result = benchmark.stage_profile(config, total_steps=4, extra_steps=2, repeats=1)
+  for name in ("vanilla", *benchmark.PYRAMIDS):
+    spec = benchmark._variant(config, *benchmark.PYRAMIDS.get(name, (False, "", "")), 4)
+    stages = benchmark.stage_step_flops(spec, config.sample.num_frames)
+    assert len(stages) == spec.pyramid.num_stages
+    tokens = [result[f"{name}_stage{i}_tokens"] for i in range(len(stages))]
+    assert tokens == [n for n, _ in stages] and tokens == sorted(tokens)
+    for i, (_, flop) in enumerate(stages):
+      assert result[f"{name}_stage{i}_gflop_per_step"] == pytest.approx(flop / 1e9)
+      assert result[f"{name}_stage{i}_ms_per_step"] >= 0
+    assert result[f"{name}_sample_s"] > 0 and np.isfinite(result[f"{name}_fixed_ms"])

@@ -379,6 +379,32 @@ def write_mp4(path: str, frames: np.ndarray, *, fps: int = 8) -> None:
   path.write_bytes(buffer.getvalue())
 
 
+def write_frame_grid(path: str, videos, *, every: int = 1, scale: int = 1) -> None:
+  """Writes videos as one PNG, a row per video of its every ``every``-th frame (lossless, unlike
+  the mp4), each pixel enlarged to ``scale`` x ``scale`` (nearest), creating the folder.
+
+  Args:
+    path: the PNG's path (local or remote, through ``etils.epath``).
+    videos: uint8 ``[T, H, W, 3]`` videos of one size.
+    every: frame stride, >= 1.
+    scale: enlargement, >= 1.
+
+  Raises:
+    ValueError: for no videos, videos of different sizes, or ``every`` or ``scale`` below 1.
+  """
+  videos = [np.asarray(v, np.uint8) for v in videos]
+  if not videos or len({v[::every].shape for v in videos}) != 1 or every < 1 or scale < 1:
+    raise ValueError(f"write_frame_grid: need videos of one size and every, scale >= 1, got "
+                     f"{[v.shape for v in videos]}, every={every}, scale={scale}")
+  grid = np.concatenate([np.concatenate(list(v[::every]), axis=1) for v in videos], axis=0)
+  grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
+  Image.fromarray(grid).save(buffer, format="PNG")
+  path.write_bytes(buffer.getvalue())
+
+
 _cache: collections.OrderedDict[tuple[str, tuple[int, int]], np.ndarray] = (
     collections.OrderedDict())
 _cache_lock = threading.Lock()
