@@ -117,7 +117,9 @@ def score(spec: spec_lib.RunSpec, records: list[dict], videos: list[np.ndarray],
     and ``avg`` SWD x 10^3). Moving Digits: ``prompt_accuracy``, ``identity_consistency``,
     ``direction_accuracy``, ``motion_smoothness``, ``frechet_distance``, ``swd``, ``per_clip``.
     Both: ``num_prompts``, ``captions``, and ``seam_ratio`` on the model's patch grid
-    (``pfm.metrics.seams``) of the generated frames and (``seam_ratio_real``) of the real ones.
+    (``pfm.metrics.seams``) of the generated frames and (``seam_ratio_real``) of the real ones;
+    ``seam_ratio_by_period``: ``{str(p 2^k): ratio}`` of the patch grid of each spatial stage
+    k at full size (``seams.seam_ratios_by_period``).
   """
   cfg = spec.config
   result = {"num_prompts": len(records), "captions": [r["text"] for r in records]}
@@ -143,6 +145,10 @@ def score(spec: spec_lib.RunSpec, records: list[dict], videos: list[np.ndarray],
   patch = int(cfg.model.patch_size)
   result["seam_ratio"] = seams_lib.seam_ratio(frames, patch)
   result["seam_ratio_real"] = seams_lib.seam_ratio(references, patch)
+  periods = [patch * f for f in spec.pyramid.spatial_factors
+             if patch * f < min(cfg.data.height, cfg.data.width)]
+  result["seam_ratio_by_period"] = {
+      str(p): r for p, r in seams_lib.seam_ratios_by_period(frames, periods).items()}
   return result
 
 

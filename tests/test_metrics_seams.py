@@ -53,3 +53,19 @@ def test_bad_patch_sizes_are_refused():
     seams.seam_ratio(np.zeros((2, 30, 32, 3)), 8)
   with pytest.raises(ValueError, match=">= 2"):
     seams.seam_ratio(np.zeros((2, 32, 32, 3)), 1)
+
+
+def test_each_stage_grid_is_told_apart():
+  """Offsets per 16x16 block show at the 16 and 32 grids, not at the 8 grid alone."""
+  rng = np.random.default_rng(1)
+  frames = rng.normal(size=(4, 64, 64, 3))
+  blocks = np.repeat(np.repeat(rng.normal(size=(4, 4, 4, 1)) * 5, 16, 1), 16, 2)
+  ratios = seams.seam_ratios_by_period(frames + blocks, (8, 16, 32))
+  assert list(ratios) == [8, 16, 32]
+  assert ratios[8] == pytest.approx(1.0, abs=0.05)
+  assert ratios[16] > 2 and ratios[32] > 2
+  # One period is the plain seam ratio.
+  assert seams.seam_ratios_by_period(frames + blocks, (16,))[16] == pytest.approx(
+    seams.seam_ratio(frames + blocks, 16))
+  with pytest.raises(ValueError, match="nest"):
+    seams.seam_ratios_by_period(frames[:, :48, :48], (12, 16))

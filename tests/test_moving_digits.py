@@ -257,3 +257,4 @@ def test_evaluate_scores_real_videos_against_their_own_frames():
   # The real clips on the smoke config's 4x4 patch grid: no seams, like their references.
   assert 0.8 < real["seam_ratio"] < 1.25
   assert abs(real["seam_ratio"] - real["seam_ratio_real"]) < 0.1
+  assert list(real["seam_ratio_by_period"]) == ["4", "8", "16"]   # patch 4, 3 spatial stages
