@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -82,9 +83,10 @@ def test_overlap_add_equals_a_dense_transposed_convolution():
   """Random windows, shuffled and packed: each frame equals the canvas overlap-add."""
   rng = np.random.default_rng(1)
   segment_ids, frame, positions, order = _packed_frames(FRAMES, rng)
-  windows = rng.normal(size=(1, len(order), 4 * P * P * C)).astype(np.float32)
+  windows = rng.normal(size=(1, len(order), 4 * P * P * C)).astype(np.float32)   # canvas order
   out = np.asarray(overlap.overlap_add(
-    jnp.asarray(windows), overlap.neighbour_indices(segment_ids, frame, positions), P))[0]
+    jnp.asarray(overlap.to_routing_order(windows, P)),
+    overlap.neighbour_indices(segment_ids, frame, positions), P))[0]
   for number, (_, _, h, w) in enumerate(FRAMES):
     packed = [i for i, o in enumerate(order) if o is not None and o[0] == number]
     packed.sort(key=lambda i: order[i][1])                            # row-major
@@ -105,8 +107,8 @@ def test_windows_that_agree_reproduce_the_frame_exactly():
     np.nan_to_num(padded[r * P:r * P + 2 * P, c * P:c * P + 2 * P]).ravel()
     for r, c in (divmod(o[1], w) for o in order)])[None]
   out = np.asarray(overlap.overlap_add(
-    jnp.asarray(windows, jnp.float32), overlap.neighbour_indices(segment_ids, frame, positions),
-    P))[0]
+    jnp.asarray(overlap.to_routing_order(windows, P), jnp.float32),
+    overlap.neighbour_indices(segment_ids, frame, positions), P))[0]
   np.testing.assert_allclose(out, tokens_lib.patchify(image, P)[[o[1] for o in order]],
                              atol=1e-5)
 
@@ -124,8 +126,8 @@ def test_per_token_errors_make_seams_with_the_patch_head_and_none_blended():
   row_major = np.argsort([o[1] for o in order])
   own = windows.reshape(1, h * w, 4, P // 2, 4, P // 2, C)[:, :, 1:3, :, 1:3]
   blended = overlap.overlap_add(
-    jnp.asarray(windows, jnp.float32), overlap.neighbour_indices(segment_ids, frame, positions),
-    P)
+    jnp.asarray(overlap.to_routing_order(windows, P), jnp.float32),
+    overlap.neighbour_indices(segment_ids, frame, positions), P)
 
   def border_to_interior(tokens):
     image = tokens_lib.unpatchify(
@@ -136,6 +138,21 @@ def test_per_token_errors_make_seams_with_the_patch_head_and_none_blended():
 
   assert border_to_interior(own) > 3.0
   assert border_to_interior(blended) < 1.5
+
+
+def test_gradient_is_that_of_the_linear_blend():
+  """The gather's custom gradient (gathered from the opposite neighbours) is the transpose of
+  the blend: the blend is linear, so <c, blend(w)> = <vjp(c), w> for every w and c."""
+  rng = np.random.default_rng(4)
+  segment_ids, frame, positions, order = _packed_frames(FRAMES, rng)
+  neighbours = overlap.neighbour_indices(segment_ids, frame, positions)
+  windows = jnp.asarray(rng.normal(size=(1, len(order), 4 * P * P * C)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(1, len(order), P * P * C)), jnp.float32)
+  blend = lambda w: overlap.overlap_add(w, neighbours, P)
+  _, vjp = jax.vjp(blend, windows)
+  probe = jnp.asarray(rng.normal(size=windows.shape), jnp.float32)
+  np.testing.assert_allclose(jnp.vdot(cotangent, blend(probe)), jnp.vdot(vjp(cotangent)[0], probe),
+                             rtol=1e-5)
 
 
 def test_odd_patch_sizes_and_unknown_heads_are_refused():

@@ -17,8 +17,10 @@ the weights are renormalised.
 
 Tokens are packed (``pfm.batch.VideoTokens``), so neighbours are found by their metadata: the
 token of the same sample (segment) and frame (RoPE position) one patch up, down, left or right
-(``positions``). The cost is one final linear layer with 4x the outputs and a [B, L, L] match of
-the token metadata per forward pass, the size of the attention mask.
+(``positions``). The cost is one final linear layer with 4x the outputs, a [B, L, L] match of
+the token metadata per forward pass (the size of the attention mask), and one gather of the
+window quarters along the token axis, whose gradient is gathered back from the opposite
+neighbours rather than scattered.
 """
 
 from __future__ import annotations
@@ -73,6 +75,69 @@ def neighbour_indices(segment_ids: jax.Array, frame: jax.Array,
   return jnp.stack(rows, -2)
 
 
+@jax.custom_vjp
+def _gather_neighbour(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+  """``x[b, index[b, i, k], k]`` along the token axis, 0 where ``index`` is -1.
+
+  ``index`` is one direction d of `neighbour_indices` and ``inverse`` the opposite one, -d: the
+  neighbour relation is symmetric (j is i's neighbour at d exactly when i is j's at -d), so the
+  gradient of this gather is the gather of the cotangent from the opposite neighbours. XLA would
+  otherwise transpose the gather into a scatter-add, which its CPU backend runs slowly.
+
+  Args:
+    x: float [B, L, K, F].
+    index, inverse: int32 [B, L, K] in -1 .. L - 1: per slot k, the directions d and -d.
+
+  Returns:
+    [B, L, K, F], the dtype of ``x``.
+  """
+  return _take(x, index)
+
+
+def _take(x, index):
+  taken = jnp.take_along_axis(x, jnp.maximum(index, 0)[..., None], axis=1)
+  return jnp.where((index >= 0)[..., None], taken, jnp.zeros((), x.dtype))
+
+
+_gather_neighbour.defvjp(lambda x, index, inverse: (_take(x, index), inverse),
+                         lambda inverse, cotangent: (_take(cotangent, inverse), None, None))
+
+
+# The features of a window come in routing order: 16 slots (h, w, a, b), each of h, w, a, b in
+# {0, 1}, each slot one (p/2) x (p/2) quarter of the 2p x 2p window. The receiving token's
+# half-cell (h, w) is covered by 4 windows: its own (a = b = 0) and those of its neighbours at
+# (dr, dc) = (a (2 h - 1), b (2 w - 1)). Slot (h, w, a, b) of every window holds its quarter
+# (1 + h - 2 dr, 1 + w - 2 dc): the one that lands on half-cell (h, w) of the token at -(dr, dc)
+# from the window's own token. Every quarter of a
+# window has exactly one slot, so the blend is one gather along the token axis and a sum over the
+# 4 slots of each half-cell, with no slicing of the window (the gradient of 16 slices, a sum of
+# padded arrays, was most of the head's cost on a CPU).
+_SLOTS = [(h, w, a, b) for h in (0, 1) for w in (0, 1) for a in (0, 1) for b in (0, 1)]
+_OFFSETS = np.array([(a * (2 * h - 1), b * (2 * w - 1)) for h, w, a, b in _SLOTS])   # (dr, dc)
+_QUARTERS = np.array([(1 + h - 2 * dr, 1 + w - 2 * dc)
+                      for (h, w, _, _), (dr, dc) in zip(_SLOTS, _OFFSETS)])        # (qr, qc)
+_DIRECTION = (1 + _OFFSETS[:, 0]) * 3 + 1 + _OFFSETS[:, 1]   # into neighbours [.., 3 * 3]
+_OPPOSITE = (1 - _OFFSETS[:, 0]) * 3 + 1 - _OFFSETS[:, 1]
+
+
+def to_routing_order(windows, patch_size: int):
+  """Windows flattened in (2p, 2p, C) canvas order -> the routing order `overlap_add` reads.
+
+  Args:
+    windows: ``[..., (2p)^2 * C]`` (NumPy or JAX), each a 2p x 2p window centred on its patch.
+    patch_size: p, even.
+
+  Returns:
+    The same features, permuted: ``[..., 16 * (p/2)^2 * C]``, slot-major (see `_SLOTS`).
+  """
+  p, s = patch_size, patch_size // 2
+  *lead, size = windows.shape
+  quarters = windows.reshape(*lead, 4, s, 4, s, size // (4 * p * p))
+  slots = [quarters[..., qr, :, qc, :, :] for qr, qc in _QUARTERS]
+  return (np.stack if isinstance(windows, np.ndarray) else jnp.stack)(slots, -4).reshape(
+      *lead, size)
+
+
 def overlap_add(windows: jax.Array, neighbours: jax.Array, patch_size: int) -> jax.Array:
   """Blends each token's 2p x 2p window with its neighbours' into its p x p patch.
 
@@ -82,7 +147,8 @@ def overlap_add(windows: jax.Array, neighbours: jax.Array, patch_size: int) -> j
   weights present (one inside a frame, less at its borders).
 
   Args:
-    windows: float [B, L, (2p)^2 * C], each token's window flattened in (2p, 2p, C) order.
+    windows: float [B, L, (2p)^2 * C], each token's window in routing order
+      (`to_routing_order` of the (2p, 2p, C) canvas order; a learned layer can emit it directly).
     neighbours: int32 [B, L, 3, 3] from `neighbour_indices` (-1 = none).
     patch_size: p, even.
 
@@ -98,32 +164,14 @@ def overlap_add(windows: jax.Array, neighbours: jax.Array, patch_size: int) -> j
     raise ValueError(f"overlap_add: needs an even patch size and windows of (2p)^2 * C "
                      f"features, got p={p} and {size}")
   s, c = p // 2, size // (4 * p * p)
-  tent = jnp.asarray(tent_window(p)).reshape(4, s)                 # [quarter, pixel]
-  # Quarter blocks of each window: [B, L, quarter row, s, quarter col, s, C].
-  quarters = windows.reshape(b, n, 4, s, 4, s, c)
-
-  def from_token(index, qr, qc):
-    """Quarter (qr, qc) of the window of token ``index`` [B, L] (-1: none) and its weight."""
-    block = quarters[:, :, qr, :, qc].reshape(b, n, s * s * c)
-    block = jnp.take_along_axis(block, jnp.maximum(index, 0)[..., None], axis=1)
-    present = (index >= 0)[..., None, None]
-    weight = tent[qr][:, None] * tent[qc][None, :]                 # [s, s]
-    weight = jnp.where(present, weight, 0.0)[..., None]            # [B, L, s, s, 1]
-    return block.reshape(b, n, s, s, c) * weight, weight
-
-  own = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-  halves = []
-  for h in (0, 1):        # top, bottom half of the patch: the neighbour above, below covers it
-    row = []
-    for w in (0, 1):      # left, right half: the neighbour to the left, right
-      total = weights = 0.0
-      for dr in (0, 2 * h - 1):
-        for dc in (0, 2 * w - 1):
-          index = own if dr == dc == 0 else neighbours[:, :, 1 + dr, 1 + dc]
-          # Token at (dr, dc) covers this quarter with its window's quarter (1 + h - 2 dr, ...).
-          value, weight = from_token(index, 1 + h - 2 * dr, 1 + w - 2 * dc)
-          total, weights = total + value, weights + weight
-      row.append(total / weights)                                  # [B, L, s, s, C]
-    halves.append(jnp.stack(row, 3))                               # [B, L, s, 2, s, C]
-  patch = jnp.stack(halves, 2)                                     # [B, L, 2, s, 2, s, C]
-  return patch.reshape(b, n, p * p * c).astype(windows.dtype)
+  tent = tent_window(p).reshape(4, s)
+  slot_weight = jnp.asarray(tent[_QUARTERS[:, 0], :, None] * tent[_QUARTERS[:, 1], None, :])
+  flat = neighbours.reshape(b, n, 9)
+  index, opposite = flat[:, :, _DIRECTION], flat[:, :, _OPPOSITE]              # [B, L, 16]
+  slots = _gather_neighbour(windows.reshape(b, n, 16, s * s * c), index, opposite)
+  weight = jnp.where((index >= 0)[..., None, None], slot_weight, 0.0)          # [B, L, 16, s, s]
+  total = (slots.reshape(b, n, 16, s, s, c) * weight[..., None]).reshape(
+      b, n, 2, 2, 4, s, s, c).sum(4)                                           # [B, L, h, w, y, x, C]
+  weights = weight.reshape(b, n, 2, 2, 4, s, s).sum(4)[..., None]
+  patch = total / jnp.where(weights > 0, weights, 1.0)  # no weight only at padding tokens
+  return patch.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, n, p * p * c).astype(windows.dtype)
