@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from types import SimpleNamespace
 
@@ -82,20 +84,22 @@ def jaxpr_dot_flops(jaxpr) -> float:
   return total
 
 
-def test_dense_count_matches_the_program_and_xla():
+@pytest.mark.parametrize("output_head", models.OUTPUT_HEADS)
+def test_dense_count_matches_the_program_and_xla(output_head):
   """The dense count equals the forward's dot_general FLOPs exactly, and XLA's "flops" of the
   compiled forward within 5%: XLA also counts one FLOP per element of elementwise ops (norms,
   softmax, GELU, RoPE, masking), which the analytic count leaves out."""
+  config = dataclasses.replace(CONFIG, output_head=output_head)
   batch = random_packed_batch(np.random.default_rng(0), 2, 64, 32)
   # Shapes only: nothing is initialised or run.
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: models.build_model(CONFIG, nnx.Rngs(0))))
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: models.build_model(config, nnx.Rngs(0))))
   inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                        model_inputs(batch, CONFIG))
+                        model_inputs(batch, config))
 
   def forward(params, inputs):
     return nnx.merge(graphdef, params)(*inputs)
 
-  counts = throughput.step_flops(batch, CONFIG)
+  counts = throughput.step_flops(batch, config)
   program = jaxpr_dot_flops(jax.make_jaxpr(forward)(params, inputs).jaxpr)
   assert program == pytest.approx(counts["forward_dense"], rel=1e-9)
 
