@@ -217,6 +217,20 @@ def _seconds(fn, repeats: int, statistic=np.median) -> float:
   return float(statistic(times))
 
 
+def _pyramid_variants(config, total_steps: int, seed: int):
+  """Vanilla and every `PYRAMIDS` variant of ``config`` (name -> spec), with one model for all:
+  its graphdef, initial train state and randomly perturbed parameters (the outputs then depend
+  on every weight; speed does not depend on training)."""
+  base = _variant(config, False, "", "", total_steps)
+  graphdef, state = state_lib.init_state(base)
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype),
+                        state["params"])
+  variants = {"vanilla": base} | {
+      name: _variant(config, *pyramid, total_steps) for name, pyramid in PYRAMIDS.items()}
+  return variants, graphdef, state, params
+
+
 def stage_profile(config, *, total_steps: int = 30, extra_steps: int = 20, repeats: int = 7,
                   prompt: str = "a benchmark prompt", seed: int = 0) -> dict:
   """Where the sampling time of each pyramid goes: per stage, and outside the Euler steps.
@@ -238,13 +252,7 @@ def stage_profile(config, *, total_steps: int = 30, extra_steps: int = 20, repea
     do not explain, as exact as the timing: a few ms); ``matmul_tflops`` of a float32 2048^3
     matmul in the same run.
   """
-  base = _variant(config, False, "", "", total_steps)
-  graphdef, state = state_lib.init_state(base)
-  rng = np.random.default_rng(seed)
-  params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype),
-                        state["params"])
-  variants = {"vanilla": base} | {
-      name: _variant(config, *pyramid, total_steps) for name, pyramid in PYRAMIDS.items()}
+  variants, graphdef, _, params = _pyramid_variants(config, total_steps, seed)
   result = {}
   for name, c in variants.items():
     sampler = sample_lib.Sampler(c, graphdef, params)
@@ -286,13 +294,7 @@ def pyramids(config, *, total_steps: int = 30, repeats: int = 3, train_repeats: 
     ``<name>_{sample,train}_flop_ratio`` (analytic, vanilla FLOPs over the pyramid's); and
     ``matmul_tflops``, a float32 2048^3 matmul's rate measured in the same run.
   """
-  base = _variant(config, False, "", "", total_steps)
-  graphdef, state = state_lib.init_state(base)
-  rng = np.random.default_rng(seed)
-  params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype),
-                        state["params"])
-  variants = {"vanilla": base} | {
-      name: _variant(config, *pyramid, total_steps) for name, pyramid in PYRAMIDS.items()}
+  variants, graphdef, state, params = _pyramid_variants(config, total_steps, seed)
   result = {}
   for name, c in variants.items():
     sampler = sample_lib.Sampler(c, graphdef, params)
