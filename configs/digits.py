@@ -138,12 +138,10 @@ def sweep(arg: str | None = None) -> list[tuple[str, dict[str, Any]]]:
                     "independent": SPATIAL | {"pyramid.coupled_noise": False}}, seeds=(0,))
   if ablation == "fig8":  # compressed history (Eq. 16) against full resolution (Eq. 15)
     return _seeded({"compressed": AUTOREGRESSIVE,
-                    "full_history": AUTOREGRESSIVE | {"pyramid.compress_history": False}},
-                   seeds=(0,))
+                    "full_history": AUTOREGRESSIVE | {"pyramid.compress_history": False}})
   if ablation == "fig11":  # blockwise causal against bidirectional attention
     return _seeded({"causal": AUTOREGRESSIVE,
-                    "bidirectional": AUTOREGRESSIVE | {"model.blockwise_causal": False}},
-                   seeds=(0,))
+                    "bidirectional": AUTOREGRESSIVE | {"model.blockwise_causal": False}})
   if ablation == "table2":
     rows = {
         "temporal": TEMPORAL,  # 3 stages, partition 1-1-1, reduction 2 per jump, aligned

@@ -17,6 +17,7 @@ Modules, lowest first (each imports only modules above it in this list):
   blocks        `StreamBlock`, `JointBlock`, `FinalLayer`
   stacking      stacked blocks under `jax.lax.scan`, remat policies, checkpoint layouts
   mmdit         the `MMDiT` module, `build_model`, `count_params`
+  vae           Pyramid Flow's causal video VAE (`CausalVideoVAE`, `VAEConfig`, `vae_config`)
 """
 
 from __future__ import annotations
@@ -28,15 +29,19 @@ from pfm.models.mmdit import MMDiT, build_model, count_params
 from pfm.models.partitioning import logical_to_mesh_axes, with_logical_constraint
 from pfm.models.presets import OUTPUT_HEADS, VARIANTS, MMDiTConfig, model_config
 from pfm.models.stacking import REMAT_POLICY_NAMES
+from pfm.models.vae import VAE_VARIANTS, CausalVideoVAE, VAEConfig, vae_config
 
 __all__ = [
   "ATTENTION_BACKENDS",
+  "CausalVideoVAE",
   "LOGICAL_AXIS_NAMES",
   "MMDiT",
   "MMDiTConfig",
   "MaskInfo",
   "OUTPUT_HEADS",
   "REMAT_POLICY_NAMES",
+  "VAEConfig",
+  "VAE_VARIANTS",
   "VARIANTS",
   "build_model",
   "check_backend",
@@ -45,5 +50,6 @@ __all__ = [
   "logical_to_mesh_axes",
   "make_attention_mask",
   "model_config",
+  "vae_config",
   "with_logical_constraint",
 ]
