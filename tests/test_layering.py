@@ -17,7 +17,8 @@ LAYERS = (
     ("pfm.errors", "pfm.distributed", "pfm.batch"),
     ("pfm.pyramid",),                                  # the pure maths of both papers
     ("pfm.models",),                                   # the MM-DiT and its parts
-    ("pfm.objective", "pfm.parallel", "pfm.checkpointing", "pfm.throughput"),
+    ("pfm.objective", "pfm.vae_objective", "pfm.parallel", "pfm.checkpointing",
+     "pfm.throughput"),
     ("pfm.spec",),                                     # the resolved run spec
     ("pfm.data",),                                     # manifests, video I/O, layout, pipeline
     ("pfm.metrics",),                                  # download-free video metrics
@@ -25,6 +26,7 @@ LAYERS = (
     ("pfm.sample",),
     ("pfm.evaluate", "pfm.digit_classifier"),
     ("pfm.train",),
+    ("pfm.train_vae",),
     ("pfm.benchmark", "pfm.results"),
 )
 

@@ -185,7 +185,7 @@ def test_frame_attention_matches_reference():
   h = np.asarray(attn.group_norm(jnp.asarray(x))).reshape(2, 9, 8)
 
   def lin(layer, v):
-    return v @ np.asarray(layer.kernel.value) + np.asarray(layer.bias.value)
+    return v @ np.asarray(layer.kernel[...]) + np.asarray(layer.bias[...])
 
   q, k, v = lin(attn.to_q, h), lin(attn.to_k, h), lin(attn.to_v, h)
   logits = q @ k.transpose(0, 2, 1) / np.sqrt(8)
@@ -245,3 +245,17 @@ def test_bad_inputs_and_configs_raise(smoke):
     vae_lib.vae_config("smoke", temporal_up=(False, False))
   with pytest.raises(KeyError, match="unknown VAE variant"):
     vae_lib.vae_config("huge")
+
+
+@pytest.mark.parametrize("kernel,stride", [((3, 3, 3), (1, 1, 1)), ((3, 3, 3), (2, 1, 1)),
+                                           ((3, 3, 3), (1, 2, 2)), ((1, 1, 1), (1, 1, 1))])
+def test_causal_conv_equals_a_3d_convolution(kernel, stride):
+  """The per-tap sum of 2-D convolutions equals one 3-D convolution of the front-padded clip
+  (zeros: k_t - 1 frames), with the same kernel layout [kt, kh, kw, in, out]."""
+  conv = vae_lib.CausalConv3d(5, 6, kernel, stride, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 7, 8, 8, 5))
+  padded = jnp.pad(x, ((0, 0), (kernel[0] - 1, 0), (0, 0), (0, 0), (0, 0)))
+  expected = jax.lax.conv_general_dilated(
+    padded, conv.conv.kernel[...], stride, ((0, 0), (kernel[1] // 2,) * 2, (kernel[2] // 2,) * 2),
+    dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + conv.conv.bias[...]
+  np.testing.assert_allclose(conv(x, vae_lib.TemporalContext()), expected, atol=1e-5)
