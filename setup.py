@@ -36,6 +36,9 @@ setup(
         "matplotlib>=3.8",  # pfm.results: the ablation plots
         "absl-py>=2",
         "etils[epath]>=1.5",  # workdirs on local disk or gs:// (also used by orbax)
+        # Hugging Face-format text encoder folders: their weights and their tokenizer.json.
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
     ],
     extras_require={
         # pytest-xdist: the suite runs in one worker per core (up to 4), a test file per worker.

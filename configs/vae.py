@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.disc_layers = 3
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 6 if smoke else 3000
+  c.train.num_steps = 6 if smoke else 700
   c.train.learning_rate = 1e-3
   c.train.disc_learning_rate = 1e-4
   c.train.warmup_steps = 2 if smoke else 100
