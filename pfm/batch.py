@@ -75,12 +75,15 @@ class TextTokens:
     tokens: int32 [B, Lt] caption bytes + 2 (``pfm.data.text``), 1 = BOS, 0 = padding; or None.
     embeddings: float [B, Lt, E] caption embeddings from a frozen encoder, instead of
       ``tokens``; or None.
+    pooled: float [B, Lt, Ep] a pooled caption embedding (e.g. CLIP's), the same on every text
+      token of a segment, for models with ``pooled_embed_dim``; or None.
   """
 
   segment_ids: jax.Array
   t: jax.Array
   tokens: jax.Array | None = None
   embeddings: jax.Array | None = None
+  pooled: jax.Array | None = None
 
   def at_time(self, t) -> TextTokens:
     """The same captions with every token's noise level ``t`` (scalar or [B, Lt])."""

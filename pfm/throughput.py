@@ -247,7 +247,8 @@ def linear_flops_per_token(config: MMDiTConfig) -> tuple[int, int]:
     encoder = config.text_depth * 2 * (4 * dt * dt + 2 * dt * text_hidden)
   else:                                              # projection of precomputed embeddings
     encoder = 2 * config.text_embed_dim * dt
-  text = (encoder + 2 * (dt * d + d * d)             # pooled-caption MLP: Dt -> D -> D
+  pooled_in = config.pooled_embed_dim or dt
+  text = (encoder + 2 * (pooled_in * d + d * d)      # pooled-caption MLP: Dt (or Ep) -> D -> D
           + time_mlp + 2 * dt * d                    # context embedding: Dt -> D
           + (config.depth - 1) * block + pre_only)
   return video, text

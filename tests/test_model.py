@@ -598,3 +598,31 @@ def test_cached_context_decode_equals_full_forward(batch, text_time_conditioning
   shifted = dict(batch, text_t=batch["text_t"] * 0.5)
   changed = _diff(forward(model, shifted), full)[:, new].max()
   assert (changed == 0.0) == (not text_time_conditioning)
+
+
+def test_t5_sequence_clip_pooled_and_latent_tokens(batch):
+  """The SD3 inputs: a frozen encoder's token features (`text_embed_dim`) with its mask (text
+  segment ids), a pooled embedding per segment (`pooled_embed_dim`), and latent-channel video
+  tokens (patch 2 on 16 channels: 64 features). Each segment's pooled embedding reaches its own
+  video tokens only."""
+  config = models.model_config("smoke", text_depth=0, text_embed_dim=24, pooled_embed_dim=20,
+                               channels=16, patch_size=2)
+  model = randomize(models.build_model(config, nnx.Rngs(0)))
+  b = dict(batch)
+  b["video_tokens"] = jax.random.normal(jax.random.key(7), b["video_tokens"].shape[:2] + (64,))
+  emb = jax.random.normal(jax.random.key(5), (2, LT, 24))
+  pooled = jax.random.normal(jax.random.key(6), (2, 20))[:, None, :] * jnp.ones((1, LT, 1))
+
+  def run(pooled):
+    return np.asarray(model(video_of(b), TextTokens(segment_ids=b["text_segment_ids"],
+                                                    t=b["text_t"], embeddings=emb,
+                                                    pooled=pooled)))
+
+  out = run(pooled)
+  assert out.shape == b["video_tokens"].shape and np.all(np.isfinite(out))
+  seg1_text = jnp.asarray(np.asarray(b["text_segment_ids"][0]) == 1)[:, None]
+  d = _diff(run(pooled.at[0].add(jnp.where(seg1_text, 1.0, 0.0))), out)
+  assert d[0][_where(b, 0, 1)].min() > 1e-6
+  assert d[0][_where(b, 0, 2)].max() <= 1e-6
+  with pytest.raises(ValueError, match="pooled"):
+    run(None)

@@ -126,7 +126,8 @@ class MMDiT(nnx.Module):
     else:
       self.text_projection = None
     self.context_embed = linear(config.text_width, width, (None, "embed"), **kw)
-    self.pooled_text_embed = MLPEmbedder(config.text_width, width, **kw)
+    self.pooled_text_embed = MLPEmbedder(config.pooled_embed_dim or config.text_width, width,
+                                         **kw)
     if config.scan_layers:
       self.blocks = stacked_blocks(config, config.depth - 1, rngs) if config.depth > 1 else None
       self.last_block = JointBlock(config, text_pre_only=True, rngs=rngs)
@@ -241,8 +242,14 @@ class MMDiT(nnx.Module):
 
     # Per-token conditioning c = MLP(sin(t * 1000)) + MLP(pooled text of the token's segment).
     # The pooled MLP runs on text tokens; a video token then takes its segment's value.
+    if config.pooled_embed_dim is not None:  # a frozen encoder's pooled embedding (SD3: CLIP)
+      if text.pooled is None:
+        raise ValueError("config.pooled_embed_dim is set: pass TextTokens.pooled.")
+      pooled_input = text.pooled.astype(self.dtype)
+    else:
+      pooled_input = features
     pooled = self.pooled_text_embed(
-      segment_mean(features, text_segment_ids, text_segment_ids))    # [B, Lt, D]
+      segment_mean(pooled_input, text_segment_ids, text_segment_ids))  # [B, Lt, D]
     c_text = with_logical_constraint(self.time_embed(text_t) + pooled, ACT_EMBED)
     x_video, c_video = self._embed_video(video, pooled, text_segment_ids)
     x_text = with_logical_constraint(self.context_embed(features), ACT_EMBED)

@@ -31,6 +31,10 @@ class MMDiTConfig:
     text_vocab_size: caption vocabulary (bytes + 2 specials = 258).
     text_embed_dim: feature size of precomputed caption embeddings from a frozen encoder, or
       None to disable that input.
+    pooled_embed_dim: feature size of a pooled caption embedding from frozen encoders (SD3:
+      the two CLIP towers' projected outputs, 768 + 1280 = 2048), given per text token
+      (`TextTokens.pooled`); it replaces the mean of the caption features as the pooled
+      conditioning. None: the mean of the caption features.
     time_frequency_dim: sinusoidal features of the noise level.
     time_scale: t in [0, 1] is embedded as sinusoidal(t * time_scale).
     position_max_period: longest wavelength of the spatial sinusoidal embedding, patch units.
@@ -82,6 +86,7 @@ class MMDiTConfig:
   text_mlp_ratio: float = 4.0
   text_vocab_size: int = TEXT_VOCAB_SIZE
   text_embed_dim: int | None = None
+  pooled_embed_dim: int | None = None
   time_frequency_dim: int = 256
   time_scale: float = 1000.0
   position_max_period: float = 10_000.0
