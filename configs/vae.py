@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The VAE: a preset of `pfm.models.vae.VAE_VARIANTS` and overrides of its fields.
   c.vae = ml_collections.ConfigDict()
   c.vae.variant = "smoke" if smoke else "tiny"
+  c.vae.logvar_init = -6.0   # a small posterior variance from the start (KL weight 1e-6)
 
   # Clips (pfm.data.clips.ClipSettings).
   c.data = ml_collections.ConfigDict()
@@ -58,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.disc_layers = 3
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 6 if smoke else 700
+  c.train.num_steps = 6 if smoke else 1100
   c.train.learning_rate = 1e-3
   c.train.disc_learning_rate = 1e-4
   c.train.warmup_steps = 2 if smoke else 100

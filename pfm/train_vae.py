@@ -376,6 +376,8 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, resume_step: i
     for step in range(start + 1, num_steps + 1):
       batch = parallel.global_batch(next(data_iter), mesh)
       state, metrics = step_fn(state, batch, lpips_params)
+      if pending:  # at most one step in flight: bounded memory, and truthful steps/s
+        jax.block_until_ready(pending[-1])
       pending.append(metrics)
       report_progress(step)
       is_last = step == num_steps

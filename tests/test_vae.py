@@ -259,3 +259,14 @@ def test_causal_conv_equals_a_3d_convolution(kernel, stride):
     padded, conv.conv.kernel[...], stride, ((0, 0), (kernel[1] // 2,) * 2, (kernel[2] // 2,) * 2),
     dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + conv.conv.bias[...]
   np.testing.assert_allclose(conv(x, vae_lib.TemporalContext()), expected, atol=1e-5)
+
+
+def test_logvar_init_starts_the_posterior_narrow():
+  """`logvar_init` sets the log-variance bias of quant_conv: the initial posterior's log-variance
+  is centred there (the mean half is untouched)."""
+  base = vae_lib.CausalVideoVAE(vae_lib.vae_config("smoke"), rngs=nnx.Rngs(0))
+  narrow = vae_lib.CausalVideoVAE(vae_lib.vae_config("smoke", logvar_init=-6.0), rngs=nnx.Rngs(0))
+  x = _pixels(8, (1, 3, 8, 8, 3))
+  p0, p1 = base.encode(x), narrow.encode(x)
+  np.testing.assert_allclose(p1.logvar - p0.logvar, -6.0, atol=1e-5)
+  np.testing.assert_allclose(p1.mean, p0.mean, atol=1e-6)
