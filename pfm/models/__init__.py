@@ -18,6 +18,8 @@ Modules, lowest first (each imports only modules above it in this list):
   stacking      stacked blocks under `jax.lax.scan`, remat policies, checkpoint layouts
   mmdit         the `MMDiT` module, `build_model`, `count_params`
   vae           Pyramid Flow's causal video VAE (`CausalVideoVAE`, `VAEConfig`, `vae_config`)
+  discriminator the VAE's PatchGAN discriminator and the LPIPS network
+  text_encoders the frozen T5 v1.1 encoder and CLIP text towers, from Hugging Face folders
 """
 
 from __future__ import annotations
