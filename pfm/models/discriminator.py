@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pfm.models.text_encoders import _assign
+
 
 def _conv(cin: int, cout: int, kernel: int, stride: int, padding: int, *, use_bias: bool = True,
           rngs: nnx.Rngs) -> nnx.Conv:
@@ -135,10 +137,3 @@ class LPIPS(nnx.Module):
       if key not in tensors:
         raise KeyError(f"{path}: missing {key}")
       _assign(lin.kernel, np.transpose(tensors[key], (2, 3, 1, 0)), key)
-
-
-def _assign(param: nnx.Param, value: Any, name: str) -> None:
-  value = np.asarray(value, np.float32)
-  if value.shape != param[...].shape:
-    raise ValueError(f"{name}: shape {value.shape}, expected {param[...].shape}")
-  param[...] = jnp.asarray(value)

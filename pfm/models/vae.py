@@ -360,6 +360,12 @@ def depth_to_space(x: jax.Array, factor_t: int, factor_s: int) -> jax.Array:
   return x.reshape(b, t * factor_t, h * factor_s, w * factor_s, c)
 
 
+def _resnets(in_channels: int, out_channels: int, layers: int, groups: int, kw: dict) -> nnx.List:
+  """`layers` ResNet blocks, the first changing the width from in_channels to out_channels."""
+  return nnx.List([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, **kw)
+                   for i in range(layers)])
+
+
 class DownBlock(nnx.Module):
   """ResNet blocks, then an optional 2x spatial down-sampling (causal conv, stride (1, 2, 2)),
   then an optional 2x temporal one (causal conv, stride (2, 1, 1)): `DownEncoderBlockCausal3D`."""
@@ -367,9 +373,7 @@ class DownBlock(nnx.Module):
   def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int,
                spatial: bool, temporal: bool, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([
-      ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, **kw)
-      for i in range(layers)])
+    self.resnets = _resnets(in_channels, out_channels, layers, groups, kw)
     self.spatial = CausalConv3d(out_channels, out_channels, 3, (1, 2, 2), **kw) if spatial else None
     self.temporal = CausalConv3d(out_channels, out_channels, 3, (2, 1, 1), **kw) if temporal else None
 
@@ -392,9 +396,7 @@ class UpBlock(nnx.Module):
   def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int,
                spatial: bool, temporal: bool, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([
-      ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, **kw)
-      for i in range(layers)])
+    self.resnets = _resnets(in_channels, out_channels, layers, groups, kw)
     self.spatial = CausalConv3d(out_channels, 4 * out_channels, 3, **kw) if spatial else None
     self.temporal = CausalConv3d(out_channels, 2 * out_channels, 3, **kw) if temporal else None
 
