@@ -39,6 +39,7 @@ setup(
         # Hugging Face-format text encoder folders: their weights and their tokenizer.json.
         "safetensors>=0.4",
         "tokenizers>=0.20",
+        "array_record>=0.8",  # the feature cache's shards (pfm.extract), read by grain
     ],
     extras_require={
         # pytest-xdist: the suite runs in one worker per core (up to 4), a test file per worker.

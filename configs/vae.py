@@ -75,6 +75,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.clips_per_video = 2         # held-out clips per video for PSNR / SSIM
   c.eval.videos_written = 3          # reconstruction strips and mp4s per evaluation
+  # Training batches whose latents set the VAE's normalisation constants at the end of training
+  # (vae.json: shift and scale of the first and of the later latent frames); 0 keeps the config's
+  # (the released VAE's) constants.
+  c.eval.latent_statistics_batches = 2 if smoke else 16
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

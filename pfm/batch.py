@@ -113,6 +113,11 @@ class PackedBatch:
       block (``pfm.data.layout.layout_clip``), or None for no temporal jump (all 0).
     noise: float32 [B, L, P] the diffusion noise aligned to the data on the host
       (``pyramid.align_noise``, TPDiff Algorithm 1), or None (drawn on device).
+    text_embeddings: float32 [B, Lt, E] cached caption features of a frozen encoder (T5), or
+      None (``text_tokens`` are bytes); ``text_tokens`` then only marks the caption positions
+      (1 at each caption's first token, 2 after it).
+    text_pooled: float32 [B, Lt, Ep] the cached pooled caption embedding (CLIP) on every token
+      of its caption, or None.
   """
 
   clean_end: jax.Array
@@ -127,6 +132,8 @@ class PackedBatch:
   temporal_positions: jax.Array | None = None
   temporal_block_offset: jax.Array | None = None
   noise: jax.Array | None = None
+  text_embeddings: jax.Array | None = None
+  text_pooled: jax.Array | None = None
 
   @classmethod
   def from_fields(cls, fields) -> PackedBatch:

@@ -78,6 +78,8 @@ def evaluation_records(spec: spec_lib.RunSpec, num_prompts: int) -> list[dict]:
   if is_moving_digits(spec):
     test = pipeline.moving_digits(spec.config, "test")
     return [{"index": i, "text": test[i]["text"]} for i in range(min(num_prompts, len(test)))]
+  if spec.latent:  # the videos the features were extracted from
+    return pipeline.feature_source_records(spec)[:num_prompts]
   return pipeline.load_records(spec)[0][:num_prompts]
 
 
@@ -142,7 +144,8 @@ def score(spec: spec_lib.RunSpec, records: list[dict], videos: list[np.ndarray],
                    assignment=[int(a) for a in assigned], distances=distances.round(5).tolist())
     references = np.concatenate(reference_videos)
   result["swd"] = swd_lib.sliced_wasserstein(frames, references)
-  patch = int(cfg.model.patch_size)
+  # The patch grid in pixels: a latent run's patches cover f_s x f_s pixels per latent pixel.
+  patch = int(cfg.model.patch_size) * (cfg.latent.spatial_compression if spec.latent else 1)
   result["seam_ratio"] = seams_lib.seam_ratio(frames, patch)
   result["seam_ratio_real"] = seams_lib.seam_ratio(references, patch)
   periods = [patch * f for f in spec.pyramid.spatial_factors

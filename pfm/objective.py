@@ -120,9 +120,18 @@ def corrupt_packed_batch(key, batch: batch_lib.PackedBatch, config: ObjectiveCon
   text_t = _per_segment(seg_time, text_seg)
 
   # Caption dropout: a dropped segment keeps only BOS, the null caption used for guidance.
+  # Cached caption features have no BOS: a dropped caption is one token of zero features (and a
+  # zero pooled embedding), as `null_caption_features` gives the sampler.
   dropped = jax.random.bernoulli(k_drop, config.caption_dropout, (num_rows, num_slots))
-  keep = ~_per_segment(dropped, text_seg) | (batch.text_tokens == BOS_TOKEN)
+  dropped_token = _per_segment(dropped, text_seg)
+  keep = ~dropped_token | (batch.text_tokens == BOS_TOKEN)
   text_seg_in = jnp.where(keep, text_seg, 0)
+  null = dropped_token[..., None]
+  embeddings = pooled = None
+  if batch.text_embeddings is not None:
+    embeddings = jnp.where(null, 0.0, batch.text_embeddings.astype(jnp.float32))
+  if batch.text_pooled is not None:
+    pooled = jnp.where(null, 0.0, batch.text_pooled.astype(jnp.float32))
 
   # Each packed sample weighs the same: 1 / (its supervised tokens * samples in the batch).
   counts = jax.vmap(lambda ids, m: jnp.zeros(num_slots).at[ids].add(m))(seg, is_target)
@@ -138,7 +147,9 @@ def corrupt_packed_batch(key, batch: batch_lib.PackedBatch, config: ObjectiveCon
           positions=batch.positions.astype(jnp.float32),
           temporal_positions=temporal_positions),
       batch_lib.TextTokens(segment_ids=text_seg_in, t=text_t,
-                           tokens=batch.text_tokens.astype(jnp.int32)))
+                           tokens=None if embeddings is not None
+                           else batch.text_tokens.astype(jnp.int32),
+                           embeddings=embeddings, pooled=pooled))
   block_offset = batch.temporal_block_offset
   if block_offset is None:
     block_offset = jnp.zeros_like(seg)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from pfm import batch as batch_lib
 from pfm import checkpointing
 from pfm import errors
+from pfm import latent
 from pfm import spec as spec_lib
 from pfm import state as state_lib
 from pfm.data import layout
@@ -85,6 +86,10 @@ class Sampler:
     # Corrective noise at the jump points (Eq. 15); off only for the ablation of Fig. 10. An
     # attribute, not a jit argument: set it before the first `generate`.
     self.renoise = bool(self.config.sample.renoise)
+    # One frame unit as the tokens see it: pixels, or a latent frame of the run's VAE.
+    self.frame_shape = spec.frame_shape
+    self._vae = None           # latent runs: the VAE of config.latent.vae, loaded on first use
+    self._text_encoders = None  # frozen caption encoders (text.encoder != "byte"), ditto
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> "Sampler":
@@ -115,8 +120,7 @@ class Sampler:
 
   # -- one frame unit through all stages ---------------------------------------------------------
 
-  def _sample_unit_impl(self, params, key, history, frame_i, text_tokens, text_segment_ids,
-                        guidance_scale, *, steps):
+  def _sample_unit_impl(self, params, key, history, frame_i, text, guidance_scale, *, steps):
     """Generates unit ``frame_i`` given per-stage padded history arrays; jitted per ``steps``.
 
     With a clean-conditioned caption (``model.text_time_conditioning = False``) the keys and
@@ -128,7 +132,7 @@ class Sampler:
     """
     cfg = self.config
     p = cfg.model.patch_size
-    height, width = cfg.data.height, cfg.data.width
+    frame_shape = self.frame_shape
     model = nnx.merge(self._graphdef, params)
     both = lambda a: jnp.broadcast_to(a, (2, *a.shape))  # row 0 prompt, row 1 null caption
     causal = self.blockwise_causal
@@ -141,13 +145,11 @@ class Sampler:
         positions=both(h["positions"]),
         temporal_positions=None if causal else both(h["causal_block"].astype(jnp.float32)))
         for h in history]
-    text = batch_lib.TextTokens(segment_ids=text_segment_ids, t=jnp.ones(text_tokens.shape),
-                                tokens=text_tokens)
     if caches_context:
       contexts = [model.encode_context(h, text) for h in history]
 
     def model_fn(x, t, k):
-      hk, wk, _ = self._pyramid.stage_shape((height, width, 3), k)
+      hk, wk, _ = self._pyramid.stage_shape(frame_shape, k)
       grid = tokens_lib.grid_positions((hk // p, wk // p), (hk // p, wk // p))
       current = batch_lib.VideoTokens(
           tokens=both(tokens_lib.patchify(x, p)), t=jnp.full((2, len(grid)), t),
@@ -165,7 +167,7 @@ class Sampler:
       out = tokens_lib.unpatchify(out_null + guidance_scale * (out_cond - out_null), p, hk, wk)
       return self._to_target(x, out, t, k)
 
-    return samplers.sample_pyramid(model_fn, key, (height, width, 3), self._pyramid, steps,
+    return samplers.sample_pyramid(model_fn, key, frame_shape, self._pyramid, steps,
                                    renoise=self.renoise)
 
   def _to_target(self, x, out, t, k):
@@ -178,8 +180,7 @@ class Sampler:
 
   # -- a whole clip at once (full-sequence mode) -------------------------------------------------
 
-  def _sample_clip_impl(self, params, key, text_tokens, text_segment_ids, guidance_scale, *,
-                        steps, num_frames):
+  def _sample_clip_impl(self, params, key, text, guidance_scale, *, steps, num_frames):
     """Generates a ``num_frames`` clip through every stage of the pyramid; jitted per ``steps``.
 
     All frames are one unit (bidirectional attention). With a clean-conditioned caption the
@@ -191,11 +192,9 @@ class Sampler:
     consistent = cfg.pyramid.stage_consistent_rope
     model = nnx.merge(self._graphdef, params)
     both = lambda a: jnp.broadcast_to(a, (2, *a.shape))  # row 0 prompt, row 1 null caption
-    text = batch_lib.TextTokens(segment_ids=text_segment_ids, t=jnp.ones(text_tokens.shape),
-                                tokens=text_tokens)
     if self.caches_context:  # the caption plus one padding video token
       context = model.encode_context(batch_lib.VideoTokens(
-          tokens=jnp.zeros((2, 1, 3 * p * p)), t=jnp.ones((2, 1)),
+          tokens=jnp.zeros((2, 1, self.frame_shape[2] * p * p)), t=jnp.ones((2, 1)),
           segment_ids=jnp.zeros((2, 1), jnp.int32), causal_block=jnp.zeros((2, 1), jnp.int32),
           positions=jnp.zeros((2, 1, 2))), text)
 
@@ -218,7 +217,7 @@ class Sampler:
       out = tokens_lib.unpatchify(out.reshape(tk, per_frame, -1), p, hk, wk)
       return self._to_target(x, out, t, k)
 
-    shape = (num_frames, cfg.data.height, cfg.data.width, 3)
+    shape = (num_frames, *self.frame_shape)
     return samplers.sample_pyramid(model_fn, key, shape, pyramid, steps, renoise=self.renoise)
 
   def _history_arrays(self, history_frames: np.ndarray, length: int):
@@ -229,7 +228,7 @@ class Sampler:
     for k in range(num_stages):
       h = layout.layout_history(history_frames, k, self._pyramid, p,
                                 compress=self.compress_history)
-      grid = layout.level_token_grid(cfg.data.height, cfg.data.width, k, p)
+      grid = layout.level_token_grid(*self.frame_shape[:2], k, p)
       room = length - grid[0] * grid[1]
       n = h["tokens"].shape[0]
       if n > room:
@@ -248,10 +247,12 @@ class Sampler:
     """Generates a video for ``prompt``.
 
     Args:
-      prompt: the caption (UTF-8; the first ``config.data.caption_length - 1`` bytes are read,
-        cut at a character boundary, with a warning when it is longer).
+      prompt: the caption (UTF-8; the byte encoder reads the first
+        ``config.data.caption_length - 1`` bytes, cut at a character boundary, with a warning when
+        it is longer; frozen encoders read ``config.text.max_length`` tokens).
       num_frames: frame units to generate (may exceed the training clip length; in the
-        full-sequence mode a multiple of the coarsest stage's frame-rate reduction).
+        full-sequence mode a multiple of the coarsest stage's frame-rate reduction). A latent
+        run's unit is a latent frame: ``1 + f_t (num_frames - 1)`` pixel frames come out.
       first_frame_steps, later_frame_steps: steps per stage, coarsest first (autoregressive);
         ``first_frame_steps`` also sets the steps per stage of the full-sequence mode (default
         ``RunSpec.steps_per_stage``).
@@ -259,11 +260,14 @@ class Sampler:
         (the full-sequence mode uses ``guidance_scale``).
       seed: sampling seed; the same seed gives the same video.
       image: optional first frame (uint8 ``[H, W, 3]`` at the model's resolution, or any size,
-        which is centre-cropped and resized) for image-to-video (autoregressive mode).
+        which is centre-cropped and resized) for image-to-video (autoregressive mode); a latent
+        run encodes it with the VAE as the first (image) latent frame.
       progress: show a progress bar.
 
     Returns:
-      uint8 ``[num_frames, H, W, 3]``.
+      uint8 ``[T, H, W, 3]`` pixels, ``T = spec.pixel_frames(num_frames)``: a latent run's
+      latents decoded by the VAE (in causal chunks of ``config.latent.decode_window`` latent
+      frames).
 
     Raises:
       SamplerArgumentError: (a ``ValueError``) for ``num_frames < 1``, step lists that do not give
@@ -284,27 +288,64 @@ class Sampler:
                             else video_guidance_scale)
     cfg = self.config
     length = layout.max_tokens_per_sample(
-        num_frames, height=cfg.data.height, width=cfg.data.width, patch_size=cfg.model.patch_size,
-        num_stages=cfg.pyramid.num_stages, compress_history=self.compress_history)
+        num_frames, height=self.frame_shape[0], width=self.frame_shape[1],
+        patch_size=cfg.model.patch_size, num_stages=cfg.pyramid.num_stages,
+        compress_history=self.compress_history)
     length = -(-length // 64) * 64  # a few padded lengths, so few compilations
-    text_tokens, text_segment_ids = self._caption_arrays(prompt)
+    text = self.caption(prompt)
 
     frames = []
     if image is not None:
-      frames.append(video_lib.to_float(video_lib.fit_frame(image, cfg.data.height, cfg.data.width)))
+      frames.append(self._first_unit(image))
     key = jax.random.key(seed)
     for i in tqdm(range(len(frames), num_frames), desc="frame units", disable=not progress):
-      history = np.stack(frames) if frames else np.zeros((0, cfg.data.height, cfg.data.width, 3),
-                                                         np.float32)
+      history = (np.stack(frames) if frames
+                 else np.zeros((0, *self.frame_shape), np.float32))
       first = i == 0
       x = self._sample_unit(
           self._params, jax.random.fold_in(key, i), self._history_arrays(history, length),
-          jnp.int32(i), text_tokens, text_segment_ids,
+          jnp.int32(i), text,
           jnp.float32(guidance_scale if first else video_guidance_scale),
           steps=first_frame_steps if first else later_frame_steps)
-      frames.append(np.asarray(jnp.clip(x, -1.0, 1.0)))
-    return video_lib.to_uint8(np.stack(frames))
+      frames.append(np.asarray(x if self.spec.latent else jnp.clip(x, -1.0, 1.0)))
+    return self.to_pixels(np.stack(frames))
 
+  # -- the latent space --------------------------------------------------------------------------
+
+  @property
+  def vae(self):
+    """The VAE of a latent run (``config.latent.vae``, a ``pfm.train_vae`` workdir).
+
+    Raises:
+      pfm.errors.NotAWorkdirError: if ``config.latent.vae`` is not a VAE workdir.
+    """
+    if self._vae is None:
+      if not self.config.latent.vae:
+        raise errors.NotAWorkdirError("config.latent.vae is empty: a latent run needs its VAE "
+                                      "workdir to decode (pass --config.latent.vae=DIR)")
+      self._vae = latent.load_vae(self.config.latent.vae)
+    return self._vae
+
+  def to_pixels(self, units: np.ndarray) -> np.ndarray:
+    """uint8 ``[T, H, W, 3]`` of generated frame units ``[N, h, w, C]``: pixels in [-1, 1], or
+    normalised latents, which the VAE denormalises and decodes."""
+    if not self.spec.latent:
+      return video_lib.to_uint8(units)
+    vae = self.vae
+    window = self.config.latent.decode_window or None
+    pixels = vae.decode(vae.denormalize(jnp.asarray(units)[None]), window=window)[0]
+    return video_lib.to_uint8(np.asarray(jnp.clip(pixels, -1.0, 1.0)))
+
+  def _first_unit(self, image: np.ndarray) -> np.ndarray:
+    """The first frame unit of image-to-video: the frame in [-1, 1], or its normalised VAE
+    latent (posterior mean), [h, w, C]."""
+    cfg = self.config
+    frame = video_lib.to_float(video_lib.fit_frame(image, cfg.data.height, cfg.data.width))
+    if not self.spec.latent:
+      return frame
+    vae = self.vae
+    latent = vae.normalize(vae.encode(jnp.asarray(frame)[None, None]).mean)
+    return np.asarray(latent[0, 0])
 
   def _check_arguments(self, num_frames, first_frame_steps, later_frame_steps, guidance_scale,
                        video_guidance_scale) -> None:
@@ -322,8 +363,12 @@ class Sampler:
       if scale is not None and not np.isfinite(scale):
         raise SamplerArgumentError(f"{name}={scale}: need a finite number")
 
-  def _caption_arrays(self, prompt: str):
-    """int32 [2, Lc] tokens and segment ids: row 0 the prompt, row 1 the null caption."""
+  def caption(self, prompt: str) -> batch_lib.TextTokens:
+    """The MM-DiT's caption input for ``prompt``: row 0 the prompt, row 1 the null caption (BOS
+    only for bytes; one token of zero features for frozen encoders, as caption dropout trains
+    it, ``pfm.objective``)."""
+    if self.config.text.encoder != "byte":
+      return self._caption_features(prompt)
     text_len = self.config.data.caption_length
     if not text_lib.caption_fits(prompt, text_len):
       logging.warning(
@@ -335,7 +380,28 @@ class Sampler:
     null = text_lib.encode_caption("", text_len)
     text_tokens = np.zeros((2, text_len), np.int32)
     text_tokens[0, :len(cond)], text_tokens[1, :len(null)] = cond, null
-    return text_tokens, (text_tokens > 0).astype(np.int32)
+    segment_ids = (text_tokens > 0).astype(np.int32)
+    return batch_lib.TextTokens(segment_ids=jnp.asarray(segment_ids),
+                                t=jnp.ones(text_tokens.shape), tokens=jnp.asarray(text_tokens))
+
+  def _caption_features(self, prompt: str) -> batch_lib.TextTokens:
+    """Frozen-encoder caption features of ``prompt`` and the null caption (see `caption`)."""
+    if self._text_encoders is None:  # loaded on first use: byte-caption runs never need them
+      self._text_encoders = latent.CaptionEncoder.from_config(self.config)
+    features = self._text_encoders([prompt])[0]
+    embeddings = features["text_embeddings"]
+    n, length = len(embeddings), self.config.text.max_length
+    rows = np.zeros((2, length, embeddings.shape[-1]), np.float32)
+    rows[0, :n] = embeddings
+    segment_ids = np.zeros((2, length), np.int32)
+    segment_ids[0, :n], segment_ids[1, 0] = 1, 1
+    pooled = None
+    if "pooled" in features:
+      pooled = np.zeros((2, length, len(features["pooled"])), np.float32)
+      pooled[0] = features["pooled"]
+      pooled = jnp.asarray(pooled)
+    return batch_lib.TextTokens(segment_ids=jnp.asarray(segment_ids), t=jnp.ones((2, length)),
+                                embeddings=jnp.asarray(rows), pooled=pooled)
 
   def _generate_clip(self, prompt, num_frames, steps, guidance_scale, seed, image):
     if image is not None:
@@ -348,10 +414,9 @@ class Sampler:
     s = self.config.sample
     steps = tuple(steps or self.spec.steps_per_stage)
     guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
-    text_tokens, text_segment_ids = self._caption_arrays(prompt)
-    x = self._sample_clip(self._params, jax.random.key(seed), text_tokens, text_segment_ids,
+    x = self._sample_clip(self._params, jax.random.key(seed), self.caption(prompt),
                           jnp.float32(guidance_scale), steps=steps, num_frames=num_frames)
-    return video_lib.to_uint8(np.asarray(jnp.clip(x, -1.0, 1.0)))
+    return self.to_pixels(np.asarray(x if self.spec.latent else jnp.clip(x, -1.0, 1.0)))
 
 
 def check_writable(path: str) -> None:

@@ -57,7 +57,27 @@ OPTIONAL_FIELDS: dict[str, Any] = {
     "train.microbatches": 1,
     "sample.steps_per_stage": (),     # full sequence; (): sample.total_steps split by partition
     "sample.total_steps": 30,
+    # Latent space (configs/latent.py): "" trains on pixels; a pfm.extract folder trains on its
+    # cached VAE latents and caption features, whose geometry the latent.* fields state.
+    "data.features": "",
+    "latent.vae": "",                   # the pfm.train_vae workdir (pfm.extract, pfm.sample)
+    "latent.channels": 0,               # latent channels C of the VAE
+    "latent.spatial_compression": 1,    # f_s: a latent pixel covers f_s x f_s pixels
+    "latent.temporal_compression": 1,   # f_t: latent frame j >= 1 covers f_t pixel frames
+    "latent.encode_window": 0,          # pfm.extract / image-to-video: causal chunk, 0 = whole
+    "latent.decode_window": 0,          # sampling: latent frames per causal decode chunk
+    "text.encoder": "byte",             # byte | t5 | t5_clip (frozen, cached by pfm.extract)
+    "text.t5": "",                      # Hugging Face folder of a T5 v1.1 encoder
+    "text.clip": (),                    # Hugging Face folders of CLIP text towers (pooled)
+    "text.max_length": 128,             # T5 tokens per caption
+    "model.text_embed_dim": 0,          # E of cached caption features; 0: the byte encoder
+    "model.pooled_embed_dim": 0,        # Ep of a cached pooled embedding; 0: none
+    "extract.clip_hop": 8,              # source frames between the starts of extracted clips
+    "extract.batch_size": 4,            # clips encoded at once
+    "extract.records_per_shard": 64,    # manifest records per array_record shard
 }
+
+TEXT_ENCODERS = ("byte", "t5", "t5_clip")
 
 # Fields that count something and must be whole numbers >= 1.
 POSITIVE_INT_FIELDS = (
@@ -99,6 +119,29 @@ class RunSpec:
   def num_stages(self) -> int:
     return self.pyramid.num_stages
 
+  @property
+  def latent(self) -> bool:
+    """Whether the run trains on cached VAE latents (``config.data.features``), not pixels."""
+    return bool(self.config.data.features)
+
+  @property
+  def frame_shape(self) -> tuple[int, int, int]:
+    """``(height, width, channels)`` of one frame unit as the tokens see it: the pixels
+    ``(data.height, data.width, 3)``, or the latent frame ``(data.height / f_s, data.width / f_s,
+    latent.channels)``."""
+    c = self.config
+    if not self.latent:
+      return c.data.height, c.data.width, 3
+    f = c.latent.spatial_compression
+    return c.data.height // f, c.data.width // f, c.latent.channels
+
+  def pixel_frames(self, num_units: int) -> int:
+    """Pixel frames of ``num_units`` frame units: the same, or ``1 + f_t (num_units - 1)`` latent
+    frames' worth (the causal VAE encodes pixel frame 0 alone)."""
+    if not self.latent:
+      return num_units
+    return 1 + self.config.latent.temporal_compression * (num_units - 1)
+
 
 def resolve(config: ml_collections.ConfigDict | RunSpec) -> RunSpec:
   """The `RunSpec` of ``config`` (a spec is returned as it is).
@@ -136,7 +179,8 @@ def resolve(config: ml_collections.ConfigDict | RunSpec) -> RunSpec:
   model = models.model_config(
       m.variant, patch_size=m.patch_size, attention_backend=m.attention, dtype=m.dtype,
       param_dtype=m.param_dtype, text_time_conditioning=m.text_time_conditioning,
-      scan_layers=m.scan_layers, remat_policy=m.remat_policy, output_head=m.output_head)
+      scan_layers=m.scan_layers, remat_policy=m.remat_policy, output_head=m.output_head,
+      **_feature_fields(c))
   obj = objective.ObjectiveConfig(
       windows=pyramid.windows, time_distribution=p.time_distribution,
       history_noise_max=float(p.history_noise_max), caption_dropout=float(m.caption_dropout),
@@ -151,6 +195,36 @@ def resolve(config: ml_collections.ConfigDict | RunSpec) -> RunSpec:
       objective=obj, steps_per_stage=steps,
       first_frame_steps=tuple(int(n) for n in s.first_frame_steps),
       later_frame_steps=tuple(int(n) for n in s.later_frame_steps))
+
+
+def _feature_fields(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The MM-DiT fields a latent / frozen-text run changes: latent channels, caption features."""
+  fields = {}
+  if c.data.features:
+    if c.latent.channels < 1 or c.latent.spatial_compression < 1 or (
+        c.latent.temporal_compression < 1):
+      raise errors.ConfigError(
+          f"config.data.features={c.data.features!r} needs config.latent.channels, "
+          "spatial_compression and temporal_compression >= 1 (the VAE's latent geometry), got "
+          f"{c.latent.channels}, {c.latent.spatial_compression}, {c.latent.temporal_compression}")
+    fields["channels"] = int(c.latent.channels)
+  if c.text.encoder not in TEXT_ENCODERS:
+    raise errors.ConfigError(f"config.text.encoder={c.text.encoder!r} is not one of "
+                             f"{TEXT_ENCODERS}")
+  if c.text.encoder != "byte":
+    if not c.data.features:
+      raise errors.ConfigError(f"config.text.encoder={c.text.encoder!r} reads caption features "
+                               "cached by pfm.extract: set config.data.features")
+    if c.model.text_embed_dim < 1:
+      raise errors.ConfigError(f"config.text.encoder={c.text.encoder!r} needs "
+                               "config.model.text_embed_dim (the T5 width, 4096 for T5-XXL)")
+    if (c.text.encoder == "t5_clip") != (c.model.pooled_embed_dim > 0):
+      raise errors.ConfigError(
+          f"config.model.pooled_embed_dim={c.model.pooled_embed_dim}: set it to the pooled "
+          "CLIP width (2048 for CLIP-L + bigG) with text.encoder='t5_clip', and only then")
+    fields.update(text_embed_dim=int(c.model.text_embed_dim), text_depth=0,
+                  pooled_embed_dim=int(c.model.pooled_embed_dim) or None)
+  return fields
 
 
 def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

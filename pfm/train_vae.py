@@ -40,6 +40,7 @@ from ml_collections import config_flags
 from pfm import checkpointing
 from pfm import distributed
 from pfm import errors
+from pfm.latent import VAE_FILE
 from pfm import parallel
 from pfm import vae_objective
 from pfm.data import clips as clips_lib
@@ -50,7 +51,6 @@ from pfm.models import vae as vae_lib
 from pfm.train import NonFiniteLossError, resolve_workdir
 
 FLAGS = flags.FLAGS
-VAE_FILE = "vae.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,27 +297,17 @@ def save_vae_config(workdir: str, vae: vae_lib.VAEConfig) -> None:
     (path / VAE_FILE).write_text(json.dumps(dataclasses.asdict(vae), indent=2))
 
 
-def load_vae(workdir: str, step: int | None = None) -> vae_lib.CausalVideoVAE:
-  """The trained VAE of a `pfm.train_vae` workdir (its newest intact checkpoint, or ``step``).
-
-  Raises:
-    pfm.errors.NotAWorkdirError: if ``workdir`` has no ``vae.json``.
-    pfm.checkpointing.CheckpointError: if there is no usable checkpoint.
+def latent_statistics(vae: vae_lib.CausalVideoVAE, clips: np.ndarray) -> dict[str, float]:
+  """The latent normalisation constants of a trained VAE, measured on pixel clips
+  [N, T, H, W, 3]: shift = mean and scale = 1 / std of the posterior means, for the first latent
+  frame (the image constants) and the later ones (the video constants) apart, so that the DiT
+  sees latents of zero mean and unit variance (as the released VAE's constants do for its data).
   """
-  path = epath.Path(workdir) / VAE_FILE
-  if not path.exists():
-    raise errors.NotAWorkdirError(f"{workdir} is not a pfm.train_vae workdir (no {VAE_FILE})")
-  fields = json.loads(path.read_text())
-  config = vae_lib.VAEConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in fields.items()})
-  model = nnx.eval_shape(lambda: vae_lib.CausalVideoVAE(config, rngs=nnx.Rngs(0)))
-  graphdef, abstract = nnx.split(model, nnx.Param)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    state, _ = checkpointer.restore({"vae": abstract}, step=step, partial=True)
-  finally:
-    checkpointer.close(check=False)
-  return nnx.merge(graphdef, state["vae"])
+  means = [np.asarray(vae.encode(jnp.asarray(clip[None])).mean[0]) for clip in clips]
+  first = np.stack([m[:1] for m in means])
+  later = np.stack([m[1:] for m in means])
+  return dict(image_shift=float(first.mean()), image_scale=float(1.0 / first.std()),
+              video_shift=float(later.mean()), video_scale=float(1.0 / later.std()))
 
 
 def train_vae(config: ml_collections.ConfigDict, workdir: str, *, resume_step: int | None = None):
@@ -413,6 +403,14 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, resume_step: i
         checkpointer.save(step, state, data_iter, report=state_report, extra={
           "train_seconds": seconds_before + time.time() - t_start - eval_seconds})
     logging.info("Trained %d steps in %.1f s", num_steps - start, time.time() - t_start)
+    if config.eval.latent_statistics_batches:
+      stats_iter = iter(clips_lib.vae_dataset(run.data, seed=seed + 7, records=records))
+      batches = [next(stats_iter)["video"] for _ in range(config.eval.latent_statistics_batches)]
+      vae = nnx.merge(graphdefs[0], state["vae"])
+      normalization = latent_statistics(vae, np.concatenate(batches))
+      save_vae_config(workdir, dataclasses.replace(run.vae, **normalization))
+      logging.info("Latent normalisation of %d training clips: %s", sum(map(len, batches)),
+                   normalization)
     failed = False
   finally:
     checkpointer.close(check=not failed)

@@ -58,11 +58,15 @@ def _check_fields(spec: spec_lib.RunSpec) -> None:
                          "full-sequence clip has no history and is one attention block)")
   coarsest = pyr.spatial_factors[-1]
   factor = int(np.lcm(c.model.patch_size * coarsest, 2 * coarsest))
-  for field in ("height", "width"):
-    size = c.data[field]
+  f_s = c.latent.spatial_compression if spec.latent else 1
+  for field, size in zip(("height", "width"), spec.frame_shape[:2]):
+    if c.data[field] % f_s:
+      raise ValueError(f"config.data.{field}={c.data[field]} is not divisible by the VAE's "
+                       f"spatial compression config.latent.spatial_compression={f_s}")
     if size % factor:
       raise ValueError(
-          f"config.data.{field}={size} is not divisible by {factor}: the coarsest stage "
+          f"config.data.{field}={c.data[field]}" + (f" (latent {size})" if spec.latent else "")
+          + f" is not divisible by {factor * f_s}: the coarsest stage "
           f"(1/{coarsest} of the size) must tile into model.patch_size="
           f"{c.model.patch_size} patches with 2x2 blocks")
   prediction = c.model.prediction

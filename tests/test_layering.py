@@ -22,11 +22,11 @@ LAYERS = (
     ("pfm.spec",),                                     # the resolved run spec
     ("pfm.data",),                                     # manifests, video I/O, layout, pipeline
     ("pfm.metrics",),                                  # download-free video metrics
-    ("pfm.state", "pfm.validation"),
+    ("pfm.state", "pfm.validation", "pfm.latent"),
     ("pfm.sample",),
     ("pfm.evaluate", "pfm.digit_classifier"),
     ("pfm.train",),
-    ("pfm.train_vae",),
+    ("pfm.train_vae", "pfm.extract"),
     ("pfm.benchmark", "pfm.results"),
 )
 

@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from configs import vae as vae_config_file
 from pfm import errors
+from pfm import latent
 from pfm import train_vae
 from pfm import vae_objective
 from pfm.data import clips as clips_lib
@@ -250,7 +251,7 @@ def test_train_vae_runs_resumes_exactly_and_stops_on_nan(tmp_path):
   assert (workdir / "reconstructions" / "step_0000006.png").exists()
   assert (workdir / "reconstructions" / "step_0000006_0.mp4").exists()
   assert json.loads((workdir / "vae.json").read_text())["latent_channels"] == 4
-  vae = train_vae.load_vae(str(workdir))
+  vae = latent.load_vae(str(workdir))
   x = jnp.asarray(_frames(7, (1, 5, 16, 16, 3)))
   np.testing.assert_allclose(
     train_vae.reconstruct(*nnx.split(vae, nnx.Param), x),

@@ -1,7 +1,12 @@
 """The training input pipeline: manifest -> clean pyramid layout -> packed token rows (grain).
 
 The records are a manifest's videos and images, or with ``data.dataset = "moving_digits"`` the
-clips of Moving Digits (``pfm.data.moving_digits``), rendered instead of decoded.
+clips of Moving Digits (``pfm.data.moving_digits``), rendered instead of decoded, or with
+``data.features = DIR`` the clips cached by ``pfm.extract`` (``pfm.data.features``): each read
+draws a fresh latent from the clip's cached posterior, and from there on a frame unit is a latent
+frame (its first, pixel frame 0 encoded alone, the image unit) laid out exactly as pixel frames
+are; ``P = patch_size^2 * latent.channels`` and the caption is bytes or cached T5 features
+(``text_embeddings``, with CLIP's ``text_pooled``).
 
 Per example (deterministic for the seed, grain ``random_map``): pick a clip of ``num_frames``
 frames at ``frame_stride`` (center crop, resized) and the stage ``k`` with probability
@@ -51,6 +56,7 @@ import numpy as np
 from pfm import batch as batch_lib
 from pfm import spec as spec_lib
 from pfm.data import alignment
+from pfm.data import features as features_lib
 from pfm.data import layout
 from pfm.data import manifest as manifest_lib
 from pfm.data import moving_digits as moving_digits_lib
@@ -59,6 +65,8 @@ from pfm.data import video
 
 VIDEO_FIELDS = ("clean_end", "clean_start", "causal_block", "positions", "stage", "is_target",
                 "temporal_positions", "temporal_block_offset")
+# Cached caption features (``text.encoder != "byte"``): [Lt, E] token features, [Lt, Ep] pooled.
+TEXT_FEATURE_FIELDS = ("text_embeddings", "text_pooled")
 _MIN_SHUFFLE_DOMAIN = 4096
 DATASETS = ("", "moving_digits")  # "": config.data.manifest (or the default videos)
 
@@ -84,18 +92,19 @@ def check_spec(spec: spec_lib.RunSpec) -> int:
   """
   config = spec.config
   data, num_stages = config.data, spec.num_stages
+  height, width, _ = spec.frame_shape
   if spec.mode == "full_sequence":
     pyramid = spec.pyramid
     coarsest = pyramid.temporal_factors[-1]
     if data.num_frames % coarsest:
       raise ValueError(f"config.data.num_frames={data.num_frames} is not divisible by the "
                        f"coarsest stage's frame-rate reduction {coarsest}")
-    worst = layout.clip_tokens(data.num_frames, height=data.height, width=data.width,
+    worst = layout.clip_tokens(data.num_frames, height=height, width=width,
                                patch_size=config.model.patch_size, pyramid=pyramid)
     what = f"a {data.num_frames}-frame clip at stage 0"
   else:
     worst = layout.max_tokens_per_sample(
-        data.num_frames, height=data.height, width=data.width,
+        data.num_frames, height=height, width=width,
         patch_size=config.model.patch_size, num_stages=num_stages,
         compress_history=config.pyramid.compress_history)
     what = f"last of {data.num_frames} units at stage 0"
@@ -104,9 +113,15 @@ def check_spec(spec: spec_lib.RunSpec) -> int:
     raise ValueError(
         f"config.data.max_tokens={data.max_tokens} is too small: the worst-case sample "
         f"({what}) has {worst} tokens")
-  if not 1 <= data.caption_length <= data.max_text_tokens:
+  if config.text.encoder == "byte" and not 1 <= data.caption_length <= data.max_text_tokens:
     raise ValueError(f"need 1 <= caption_length ({data.caption_length}) <= max_text_tokens "
                      f"({data.max_text_tokens})")
+  if config.text.encoder != "byte" and not 1 <= config.text.max_length <= data.max_text_tokens:
+    raise ValueError(f"need 1 <= config.text.max_length ({config.text.max_length}) <= "
+                     f"config.data.max_text_tokens ({data.max_text_tokens})")
+  if spec.latent and data.dataset:
+    raise ValueError(f"config.data.features={data.features!r} and config.data.dataset="
+                     f"{data.dataset!r} exclude each other: the features were extracted already")
   try:
     weights = np.asarray(config.pyramid.stage_weights, np.float64)
   except (TypeError, ValueError):
@@ -182,6 +197,8 @@ def load_records(spec: spec_lib.RunSpec, *, shard_index: int = 0,
     FileNotFoundError: if the manifest does not exist.
   """
   config = spec.config
+  if spec.latent:
+    return load_feature_records(spec, shard_index=shard_index, shard_count=shard_count)
   path = config.data.manifest
   digits = config.data.dataset == "moving_digits"
   if digits:
@@ -215,6 +232,65 @@ def load_records(spec: spec_lib.RunSpec, *, shard_index: int = 0,
   return records, report
 
 
+def check_features(spec: spec_lib.RunSpec, settings: dict) -> None:
+  """Checks a feature folder's extraction settings (``pfm.extract``) against the run's config.
+
+  Raises:
+    ValueError: naming the config field whose value the features were not made with.
+  """
+  c = spec.config
+  expected = {
+      "latent.channels": c.latent.channels,
+      "latent.spatial_compression": c.latent.spatial_compression,
+      "latent.temporal_compression": c.latent.temporal_compression,
+      "data.height": c.data.height, "data.width": c.data.width,
+      "text.encoder": c.text.encoder,
+      "model.text_embed_dim": c.model.text_embed_dim,
+      "model.pooled_embed_dim": c.model.pooled_embed_dim,
+  }
+  for field, value in expected.items():
+    if settings[field] != value:
+      raise ValueError(f"config.{field}={value!r}, but the features in {c.data.features} were "
+                       f"extracted with {settings[field]!r}")
+  if settings["data.num_frames"] < c.data.num_frames:
+    raise ValueError(f"config.data.num_frames={c.data.num_frames}: the clips in "
+                     f"{c.data.features} have {settings['data.num_frames']} latent frames")
+
+
+def load_feature_records(spec: spec_lib.RunSpec, *, shard_index: int = 0, shard_count: int = 1
+                         ) -> tuple[list[dict], manifest_lib.SkipReport]:
+  """This host's clips of the feature folder ``config.data.features``: ``[{"feature": i}]``
+  sharded by position as `load_records` shards a manifest, and the extraction's skips.
+
+  Raises:
+    pfm.data.features.FeatureCacheError: for a folder without a finished index.
+    ValueError: if the features were made with other settings (`check_features`).
+  """
+  source = features_lib.FeatureSource(spec.config.data.features)
+  check_features(spec, source.settings)
+  records = [{"feature": i} for i in range(len(source))]
+  if len(records) >= shard_count:
+    records = records[shard_index::shard_count]
+  skipped = source.index["skipped"]
+  report = manifest_lib.SkipReport(source=f"{source.folder} (shard {shard_index} of {shard_count})",
+                                   total=len(records) + sum(skipped.values()),
+                                   usable=len(records), counts=collections.Counter(skipped))
+  return records, report
+
+
+def feature_source_records(spec: spec_lib.RunSpec) -> list[dict]:
+  """The usable manifest records the features of ``config.data.features`` were extracted from
+  (``{"video" | "image": path, "text": caption}``): the real videos a latent run's samples are
+  compared with (``pfm.evaluate``)."""
+  settings = features_lib.load_index(spec.config.data.features)["settings"]
+  if settings["data.manifest"]:
+    records, report = manifest_lib.load_manifest(settings["data.manifest"])
+  else:
+    records, report = manifest_lib.default_manifest(), None
+  span = (settings["pixel_frames"] - 1) * settings["data.frame_stride"] + 1
+  return manifest_lib.validate_records(records, min_frames=span, report=report)[0]
+
+
 class MakeSample(grain.transforms.RandomMap):
   """Record -> unpacked sample: clip, current unit, stage, clean layout, caption tokens.
 
@@ -225,7 +301,9 @@ class MakeSample(grain.transforms.RandomMap):
   def __init__(self, *, height: int, width: int, num_frames: int, frame_stride: int,
                patch_size: int, pyramid, stage_weights, caption_length: int, num_records: int,
                full_sequence: bool = False, consistent_rope: bool = True,
-               compress_history: bool = True, blockwise_causal: bool = True):
+               compress_history: bool = True, blockwise_causal: bool = True,
+               features: features_lib.FeatureSource | None = None):
+    self.features = features  # cached latents (``config.data.features``), else decoded pixels
     self.size = (height, width)
     self.num_frames = num_frames
     self.frame_stride = frame_stride
@@ -248,6 +326,8 @@ class MakeSample(grain.transforms.RandomMap):
     return state
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+    if self.features is not None:
+      return self._latent_sample(self.features[element["feature"]], rng)
     path = (moving_digits_lib.record_name(element) if moving_digits_lib.is_record(element)
             else manifest_lib.record_path(element))
     if path in self._bad_paths:
@@ -265,20 +345,47 @@ class MakeSample(grain.transforms.RandomMap):
     except video.VideoReadError as e:
       self._skip(path, str(e))
       return None
+    sample = self._layout(video.to_float(clip), rng)
+    sample["text_tokens"] = text_lib.encode_caption(element.get("text", ""), self.caption_length)
+    return sample
+
+  def _layout(self, clip: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The clean token layout of a clip of frame units, float32 [T, h, w, C] (pixels in
+    [-1, 1] or normalised latents): a whole clip at a random stage (full sequence), or a random
+    unit with its history (autoregressive)."""
     if self.full_sequence:
       if len(clip) < self.num_frames:  # an image: a still clip
         clip = np.repeat(clip[:1], self.num_frames, axis=0)
       k = int(rng.choice(self.num_stages, p=self.stage_probs))
-      sample = layout.layout_clip(video.to_float(clip), k, self.pyramid, self.patch_size,
-                                  consistent_rope=self.consistent_rope)
-    else:
-      i = int(rng.integers(0, len(clip)))
-      k = int(rng.choice(self.num_stages, p=self.stage_probs))
-      sample = layout.layout_sample(video.to_float(clip[:i + 1]), i, k, self.pyramid,
-                                    self.patch_size, compress_history=self.compress_history)
-      if not self.blockwise_causal:  # every unit sees every other (the RoPE keeps their order)
-        sample["causal_block"] = np.zeros_like(sample["causal_block"])
-    sample["text_tokens"] = text_lib.encode_caption(element.get("text", ""), self.caption_length)
+      return layout.layout_clip(clip, k, self.pyramid, self.patch_size,
+                                consistent_rope=self.consistent_rope)
+    i = int(rng.integers(0, len(clip)))
+    k = int(rng.choice(self.num_stages, p=self.stage_probs))
+    sample = layout.layout_sample(clip[:i + 1], i, k, self.pyramid, self.patch_size,
+                                  compress_history=self.compress_history)
+    if not self.blockwise_causal:  # every unit sees every other (the RoPE keeps their order)
+      sample["causal_block"] = np.zeros_like(sample["causal_block"])
+    return sample
+
+  def _latent_sample(self, record: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A cached clip: a fresh draw z = mean + std * n of its posterior, cut to the first
+    ``num_frames`` latent frames (latent frame 0, pixel frame 0 alone, is the image unit), laid
+    out as pixel clips are; then its caption (bytes, or the cached features)."""
+    mean = np.asarray(record["mean"], np.float32)[:self.num_frames]
+    std = np.asarray(record["std"], np.float32)[:self.num_frames]
+    latents = mean + std * rng.standard_normal(mean.shape, np.float32)
+    sample = self._layout(latents, rng)
+    if "text_embeddings" not in record:
+      sample["text_tokens"] = text_lib.encode_caption(record["text"], self.caption_length)
+      return sample
+    embeddings = np.asarray(record["text_embeddings"], np.float32)
+    # Caption positions as tokens: 1 (BOS: kept when the caption is dropped) then 2s.
+    sample["text_tokens"] = np.full(len(embeddings), 2, np.int32)
+    sample["text_tokens"][0] = 1
+    sample["text_embeddings"] = embeddings
+    if "pooled" in record:
+      sample["text_pooled"] = np.broadcast_to(
+          np.asarray(record["pooled"], np.float32), (len(embeddings), len(record["pooled"]))).copy()
     return sample
 
   def _skip(self, path: str, message: str) -> None:
@@ -298,6 +405,9 @@ def _to_batch_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   row["segment_ids"] = packed["clean_end_segment_ids"]
   row["text_tokens"] = packed["text_tokens"]
   row["text_segment_ids"] = packed["text_tokens_segment_ids"]
+  for name in TEXT_FEATURE_FIELDS:
+    if name in packed:
+      row[name] = packed[name]
   return row
 
 
@@ -334,6 +444,7 @@ def create_dataset(spec: spec_lib.RunSpec, *, seed: int, shard_index: int = 0,
     _last_report = report
   if len(records) < shard_count:  # Every host reads everything: decorrelate them by seed.
     seed = (seed + 1_000_003 * shard_index) % 2**32
+  features = features_lib.FeatureSource(data.features) if spec.latent else None
   make_sample = MakeSample(
       height=data.height, width=data.width, num_frames=data.num_frames,
       frame_stride=data.frame_stride, patch_size=config.model.patch_size,
@@ -342,7 +453,7 @@ def create_dataset(spec: spec_lib.RunSpec, *, seed: int, shard_index: int = 0,
       full_sequence=spec.mode == "full_sequence",
       consistent_rope=config.pyramid.stage_consistent_rope,
       compress_history=config.pyramid.compress_history,
-      blockwise_causal=config.model.blockwise_causal)
+      blockwise_causal=config.model.blockwise_causal, features=features)
   ds = grain.MapDataset.source(records).seed(seed)
   if len(records) < _MIN_SHUFFLE_DOMAIN:
     # grain's index_shuffle costs milliseconds per index on tiny domains (7 ms for 3 records):
@@ -364,6 +475,10 @@ def create_dataset(spec: spec_lib.RunSpec, *, seed: int, shard_index: int = 0,
   # (unless a file fails to decode mid-run, which shifts the order of the elements).
   length_struct = {name: data.max_tokens for name in VIDEO_FIELDS}
   length_struct["text_tokens"] = data.max_text_tokens
+  if config.text.encoder != "byte":
+    length_struct["text_embeddings"] = data.max_text_tokens
+  if config.text.encoder == "t5_clip":
+    length_struct["text_pooled"] = data.max_text_tokens
   ds = grain.experimental.FirstFitPackIterDataset(
       ds, length_struct=length_struct,
       num_packing_bins=data.num_packing_bins or 4 * data.batch_size,
