@@ -26,7 +26,7 @@ LAYERS = (
     ("pfm.sample",),
     ("pfm.evaluate", "pfm.digit_classifier"),
     ("pfm.train",),
-    ("pfm.train_vae", "pfm.extract"),
+    ("pfm.train_vae", "pfm.extract", "pfm.convert"),
     ("pfm.benchmark", "pfm.results"),
 )
 
