@@ -114,6 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.sample_every_steps = 1000
   c.train.max_checkpoints = 2
   c.train.microbatches = 1        # gradient accumulation: the batch runs in this many pieces
+  c.train.init_from = ""          # a pfm workdir whose EMA parameters start a new run (fine-tune)
 
   # Device mesh (pfm/parallel.py): one size per axis, -1 = the devices left over. Batch rows are
   # split over data x fsdp, parameters and optimizer state over fsdp (and tensor), attention heads

@@ -55,6 +55,7 @@ OPTIONAL_FIELDS: dict[str, Any] = {
     "model.remat_policy": "none",
     "model.output_head": "patch",
     "train.microbatches": 1,
+    "train.init_from": "",            # a pfm workdir whose EMA parameters start this run
     "sample.steps_per_stage": (),     # full sequence; (): sample.total_steps split by partition
     "sample.total_steps": 30,
     # Latent space (configs/latent.py): "" trains on pixels; a pfm.extract folder trains on its

@@ -322,12 +322,52 @@ def write_training_samples(sampler: sample_lib.Sampler, records: list[dict], wor
   return result
 
 
+def initialise_from(spec: spec_lib.RunSpec, state, source: str):
+  """``state`` with the parameters of another run (``config.train.init_from``): the EMA
+  parameters of the newest intact checkpoint of the pfm workdir ``source`` become both the
+  parameters and the EMA of step 0; the optimizer state stays fresh (fine-tuning).
+
+  Raises:
+    pfm.errors.ConfigError: naming ``config.train.init_from`` when ``source`` is not a workdir or
+      its model's parameters differ from this run's (the first differing one named).
+    pfm.checkpointing.CheckpointError: if ``source`` has no intact checkpoint.
+  """
+  path = epath.Path(source) / "config.json"
+  if not path.exists():
+    raise errors.ConfigError(f"config.train.init_from={source!r}: no config.json there (a pfm "
+                             "workdir, e.g. one written by pfm.train or pfm.convert)")
+  source_spec = spec_lib.resolve(ml_collections.ConfigDict(json.loads(path.read_text())))
+  _, theirs = state_lib.abstract_state(source_spec)
+  ours = dict(nnx.to_flat_state(state["ema_params"]))
+  for name, leaf in nnx.to_flat_state(theirs["ema_params"]):
+    if name not in ours or tuple(ours[name].shape) != tuple(leaf.shape):
+      here = tuple(ours[name].shape) if name in ours else "absent"
+      raise errors.ConfigError(
+          f"config.train.init_from={source!r}: its parameter {'/'.join(map(str, name))} has shape "
+          f"{tuple(leaf.shape)}, this run's model {here} (config.model must match the source's)")
+  if len(ours) != len(list(nnx.to_flat_state(theirs["ema_params"]))):
+    raise errors.ConfigError(f"config.train.init_from={source!r}: this run's model has "
+                             "parameters the source's lacks (config.model must match)")
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        {"ema_params": state["ema_params"]})
+  checkpointer = checkpointing.Checkpointer(os.path.join(source, "checkpoints"))
+  try:
+    restored, step = checkpointer.restore(target, partial=True)
+  finally:
+    checkpointer.close(check=False)
+  logging.info("Initialised from the EMA parameters of step %d of %s", step, source)
+  params = restored["ema_params"]
+  return dict(state, params=params, ema_params=jax.tree.map(jnp.copy, params))
+
+
 def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
   """The loop of `train_and_evaluate`: restore, steps, checks, checkpoints, samples."""
   from clu import periodic_actions  # imports TensorFlow
 
   spec, config, workdir, mesh, rules = run.spec, run.spec.config, run.workdir, run.mesh, run.rules
   checkpointer, writer = run.checkpointer, run.writer
+  if config.train.init_from and resume_step is None and not checkpointer.steps:
+    state = initialise_from(spec, state, config.train.init_from)
   state, restored = _restore(checkpointer, state, data_iter, resume_step)
   if restored is not None:
     parallel.check_sharding(state, mesh, rules)

@@ -261,3 +261,33 @@ def test_sampler_context_cache_matches_full_recompute():
   b = full.generate("a rabbit", **kwargs).astype(int)
   assert np.abs(a - b).max() <= 1 and np.mean(a != b) < 0.01  # float rounding only
   assert a.std() > 1  # not a constant video
+
+
+def test_a_run_initialised_from_another_starts_at_its_ema_parameters(uninterrupted, tmp_path):
+  """``train.init_from``: the source's EMA parameters become step 0's parameters and EMA, with a
+  fresh optimizer; a model of another shape is refused naming the field and the parameter."""
+  config, source = uninterrupted
+  spec = validation.validate(config)
+  _, state = state_lib.init_state(spec)
+  started = train.initialise_from(spec, state, source)
+  ckpt = checkpointing.Checkpointer(os.path.join(source, "checkpoints"))
+  saved, _ = ckpt.restore({"ema_params": state["ema_params"]}, partial=True)
+  ckpt.close(check=False)
+  for ours, theirs in ((started["params"], saved["ema_params"]),
+                       (started["ema_params"], saved["ema_params"])):
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+  assert int(started["step"]) == 0
+  jax.tree.map(np.testing.assert_array_equal, started["opt_state"], state["opt_state"])
+  other = smoke_config()
+  other.model.patch_size = 8
+  other_spec = spec_lib.resolve(other)
+  _, other_state = state_lib.init_state(other_spec)
+  with pytest.raises(Exception, match="config.train.init_from=.*its parameter .* has shape"):
+    train.initialise_from(other_spec, other_state, source)
+  with pytest.raises(Exception, match="no config.json"):
+    train.initialise_from(spec, state, str(tmp_path))
+  # From the command line, a new workdir starts there and trains on.
+  config.train.init_from = source
+  config.train.num_steps = 2
+  train.train_and_evaluate(config, str(tmp_path / "finetuned"))
+  assert (tmp_path / "finetuned" / "checkpoints" / "2").exists()
