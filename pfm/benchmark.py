@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from flax import nnx
 from ml_collections import config_flags
 
 from pfm import batch as batch_lib
@@ -416,9 +417,62 @@ def throughput(config, *, variant: str | None = THROUGHPUT_VARIANT, steps: int =
   }
 
 
+def sampling_memory(config, *, guidance: bool = True) -> dict:
+  """Compiles, without running it, the MM-DiT call of one sampling step at the config's size
+  (``jax.jit(...).lower(...).compile()`` on abstract parameters: nothing is allocated), for the
+  worst-case frame unit (the last of ``sample.num_frames`` at full size, with its compressed
+  history), rows for the prompt and the null caption (``guidance``), and reports XLA's memory
+  analysis. For sizes no machine here can run, e.g. ``configs/pyramid_flow_384p.py``.
+
+  Returns:
+    ``params_billions``, ``video_tokens``, ``text_tokens``, ``compile_s`` and XLA's
+    ``argument_gib``, ``output_gib``, ``temp_gib`` (activations and scratch) and ``total_gib``
+    (their sum, less aliased bytes).
+  """
+  spec = validation.validate(config.copy_and_resolve_references())
+  c = spec.config
+  graphdef, abstract = state_lib.abstract_state(spec)
+  params = abstract["ema_params"]
+  height, width, channels = spec.frame_shape
+  tokens = layout.max_tokens_per_sample(
+      c.sample.num_frames, height=height, width=width, patch_size=c.model.patch_size,
+      num_stages=spec.num_stages, compress_history=c.pyramid.compress_history)
+  tokens = -(-tokens // 64) * 64  # the sampler's padded length
+  rows = 2 if guidance else 1
+  text_len = c.text.max_length if c.text.encoder != "byte" else c.data.caption_length
+  f32 = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
+  video = batch_lib.VideoTokens(
+      tokens=f32(rows, tokens, spec.model.patch_dim), t=f32(rows, tokens),
+      segment_ids=f32(rows, tokens, dtype=jnp.int32), causal_block=f32(rows, tokens,
+                                                                       dtype=jnp.int32),
+      positions=f32(rows, tokens, 2))
+  text = batch_lib.TextTokens(
+      segment_ids=f32(rows, text_len, dtype=jnp.int32), t=f32(rows, text_len),
+      tokens=None if spec.model.text_embed_dim else f32(rows, text_len, dtype=jnp.int32),
+      embeddings=f32(rows, text_len, spec.model.text_embed_dim) if spec.model.text_embed_dim
+      else None,
+      pooled=f32(rows, text_len, spec.model.pooled_embed_dim) if spec.model.pooled_embed_dim
+      else None)
+  start = time.perf_counter()
+  compiled = jax.jit(lambda p, v, t: nnx.merge(graphdef, p)(v, t)).lower(
+      params, video, text).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  gib = 2.0**30
+  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+           + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  return {
+      "params_billions": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) / 1e9,
+      "video_tokens": tokens, "text_tokens": text_len, "compile_s": compile_s,
+      "argument_gib": memory.argument_size_in_bytes / gib,
+      "output_gib": memory.output_size_in_bytes / gib,
+      "temp_gib": memory.temp_size_in_bytes / gib, "total_gib": total / gib,
+  }
+
+
 BENCHMARKS = {"pyramids": pyramids, "stage_profile": stage_profile,
               "sample_cache": sample_cache, "alignment": alignment,
-              "throughput": throughput}
+              "throughput": throughput, "sampling_memory": sampling_memory}
 
 
 def _format(value) -> str:

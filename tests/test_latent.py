@@ -313,6 +313,12 @@ def test_the_384p_config_carries_the_papers_sizes_and_validates():
   assert spec.model.text_embed_dim == 4096 and spec.model.pooled_embed_dim == 2048
   from pfm.data import layout
   assert layout.max_tokens_per_sample(16, height=48, width=80, patch_size=2, num_stages=3) == 2940
+  # The 2B model's guided sampling step at 384p compiles here, on abstract parameters.
+  from pfm import benchmark
+  memory = benchmark.sampling_memory(c)
+  assert 1.9 < memory["params_billions"] < 2.2 and memory["video_tokens"] == 2944
+  assert memory["argument_gib"] == pytest.approx(memory["params_billions"] * 4e9 / 2**30, rel=0.01)
+  assert memory["temp_gib"] > 0
 
 
 def test_invalid_latent_configs_name_the_field(vae_dir, features_dir):
