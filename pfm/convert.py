@@ -17,6 +17,11 @@ The causal video VAE (the released ``causal_video_vae`` folder: diffusers' ``con
 
 The tests check the converted modules against the official ones' outputs on a tiny random
 checkpoint (``tools/make_official_fixtures.py``).
+
+``python -m pfm.convert --source=/path/to/pyramid-flow-sd3 --output=runs/released
+[--family=pyramid_mmdit|pyramid_flux]`` converts the folder's ``causal_video_vae`` into the VAE
+workdir ``OUTPUT/vae`` (with the family's latent normalisation), which ``pfm.extract`` and
+``pfm.sample`` open as ``config.latent.vae``. The DiT families are not converted yet.
 """
 
 from __future__ import annotations
@@ -26,11 +31,24 @@ import os
 import re
 from typing import Any
 
+from absl import app, flags
 import numpy as np
 from flax import nnx
 
+from pfm import errors
+from pfm import latent
 from pfm.models import text_encoders as te
 from pfm.models import vae as vae_lib
+
+FLAGS = flags.FLAGS
+
+# The latent normalisation of each released family (the official pipeline's constants): the
+# first latent frame's shift and scale; later frames share -0.2343 and 1 / 3.0986.
+FAMILIES = {
+    "pyramid_mmdit": dict(image_shift=0.1490, image_scale=1 / 1.8415),  # SD3-based
+    "pyramid_flux": dict(image_shift=-0.04, image_scale=1 / 1.8726),    # miniFLUX
+}
+VIDEO_NORMALIZATION = dict(video_shift=-0.2343, video_scale=1 / 3.0986)
 
 CheckpointLayoutError = te.CheckpointLayoutError
 
@@ -150,3 +168,40 @@ def load_official_vae(folder: str, **overrides) -> vae_lib.CausalVideoVAE:
   model = vae_lib.CausalVideoVAE(config, rngs=nnx.Rngs(0))
   load_state(model, te.read_safetensors(folder), vae_parameter_path)
   return model
+
+
+def convert_vae(source: str, output: str, family: str = "pyramid_mmdit") -> str:
+  """Converts the released VAE of ``source`` (the model folder, or its ``causal_video_vae``
+  folder) into the VAE workdir ``output`` with ``family``'s latent normalisation; returns it.
+
+  Raises:
+    pfm.errors.UserError: for an unknown family or a folder without the VAE.
+    CheckpointLayoutError: see `load_state`.
+  """
+  if family not in FAMILIES:
+    raise errors.UserError(f"--family={family!r} is not one of {sorted(FAMILIES)}")
+  folder = os.path.join(source, "causal_video_vae")
+  if not os.path.isdir(folder):
+    folder = source
+  if not os.path.exists(os.path.join(folder, "config.json")):
+    raise errors.UserError(f"--source={source}: no causal_video_vae/config.json (the released "
+                           "Pyramid Flow folder is expected)")
+  model = load_official_vae(folder, **FAMILIES[family], **VIDEO_NORMALIZATION)
+  latent.save_vae(output, model)
+  return output
+
+
+def main(argv):
+  del argv
+  errors.quiet_library_tracebacks()
+  output = convert_vae(FLAGS.source, os.path.join(FLAGS.output, "vae"), FLAGS.family)
+  print(f"{output}: the released VAE, for --config.latent.vae={output}")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("source", None, "The released model folder (holding causal_video_vae/).")
+  flags.DEFINE_string("output", None, "The folder to write (OUTPUT/vae: a pfm VAE workdir).")
+  flags.DEFINE_enum("family", "pyramid_mmdit", sorted(FAMILIES), "The released DiT family "
+                    "the VAE's latents are normalised for.")
+  flags.mark_flags_as_required(["source", "output"])
+  app.run(errors.exit_on_user_error(main, "pfm.convert"))

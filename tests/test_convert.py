@@ -58,3 +58,26 @@ def test_a_converted_vae_is_a_vae_workdir(tmp_path):
   loaded = latent.load_vae(str(tmp_path / "vae"))
   x = jnp.asarray(_channels_last(np.load(os.path.join(VAE, "expected.npz"))["x"]))
   np.testing.assert_allclose(loaded.encode(x).mean, model.encode(x).mean, atol=1e-6)
+
+
+def test_the_convert_command_writes_a_vae_workdir_with_the_familys_normalisation(tmp_path):
+  import json
+  import subprocess
+  import sys
+  source = tmp_path / "pyramid-flow-miniflux"
+  shutil.copytree(VAE, source / "causal_video_vae")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-m", "pfm.convert", f"--source={source}",
+                           f"--output={tmp_path / 'out'}", "--family=pyramid_flux"],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  fields = json.loads((tmp_path / "out" / "vae" / "vae.json").read_text())
+  assert fields["image_shift"] == -0.04 and fields["video_scale"] == pytest.approx(1 / 3.0986)
+  model = latent.load_vae(str(tmp_path / "out" / "vae"))
+  expected = np.load(os.path.join(VAE, "expected.npz"))
+  np.testing.assert_allclose(model.decode(jnp.asarray(_channels_last(expected["z"]))),
+                             _channels_last(expected["decoded"]), atol=1e-5)
+  result = subprocess.run([sys.executable, "-m", "pfm.convert", f"--source={tmp_path}",
+                           f"--output={tmp_path / 'x'}"], cwd=repo, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 1 and "no causal_video_vae/config.json" in result.stderr
