@@ -21,7 +21,7 @@ from __future__ import annotations
 import glob
 import os
 
-from absl import logging
+from absl import flags, logging
 import jax
 
 
@@ -38,6 +38,22 @@ def cluster_detected() -> str | None:
   if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
     return "slurm"
   return None
+
+
+def define_flags() -> None:
+  """Defines the multi-process flags every command takes (``--coordinator_address``,
+  ``--num_processes``, ``--process_id``), read by `initialize_from_flags`."""
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0 for a multi-process run (or JAX_COORDINATOR_ADDRESS;"
+                      " detected on TPU slices and under SLURM).")
+  flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+
+def initialize_from_flags() -> bool:
+  """`initialize` with the flags of `define_flags`."""
+  f = flags.FLAGS
+  return initialize(f.coordinator_address, f.num_processes, f.process_id)
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from flax import serialization
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
@@ -229,7 +230,7 @@ def _extract_shard(j: int, records: list[dict], spec, root: epath.Path, encoder:
     except (video.VideoReadError, _TooShort) as e:
       logging.warning("Skipping %s: %s", path, e)
       item = {"skipped": e.reason, "source": path, "message": str(e)}
-      _write_atomic(done, features_lib.serialization.msgpack_serialize({"items": [], **item}))
+      _write_atomic(done, serialization.msgpack_serialize({"items": [], "meta": [], **item}))
       bar.update(1)
       continue
     text = record.get("text", "")
@@ -239,23 +240,22 @@ def _extract_shard(j: int, records: list[dict], spec, root: epath.Path, encoder:
       moments = encoder(np.stack([video.to_float(f) for _, f in clips]))
       items = [dict(mean=mean, std=std, text=text, source=source, **extra)
                for (source, _), (mean, std) in zip(clips, moments)]
-    _write_atomic(done, features_lib.serialization.msgpack_serialize(
-        {"items": [features_lib.encode_clip(i) for i in items]}))
+    _write_atomic(done, serialization.msgpack_serialize({
+        "items": [features_lib.encode_clip(i) for i in items],
+        "meta": [dict(source=i["source"], text=text, latent_frames=len(i["mean"]))
+                 for i in items]}))
     bar.update(1)
   clips_meta, skipped = [], {}
   shard_path = root / f"{name}.array_record"
   tmp = root / f".{name}.array_record.tmp"
   writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), "group_size:1")
   for r in range(len(records)):
-    stored = features_lib.serialization.msgpack_restore(
-        (partial / f"record-{r:05d}.msgpack").read_bytes())
+    stored = serialization.msgpack_restore((partial / f"record-{r:05d}.msgpack").read_bytes())
     if "skipped" in stored:
       skipped[stored["skipped"]] = skipped.get(stored["skipped"], 0) + 1
     for data in stored["items"]:
       writer.write(data)
-      clip = features_lib.decode_clip(data)
-      clips_meta.append(dict(source=clip["source"], text=clip["text"],
-                             latent_frames=int(clip["mean"].shape[0])))
+    clips_meta += stored["meta"]
   writer.close()
   tmp.rename(shard_path)
   features_lib.write_json_atomic(root / f"{name}.json", dict(
@@ -279,7 +279,7 @@ def _write_atomic(path: epath.Path, data: bytes) -> None:
 def main(argv):
   del argv
   errors.quiet_library_tracebacks()
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  distributed.initialize_from_flags()
   config = FLAGS.config
   report = extract(config, FLAGS.output)
   skipped = ", ".join(f"{n} {r}" for r, n in sorted(report.skipped.items())) or "none"
@@ -291,8 +291,6 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Run config (the latent training config).",
                                   lock_config=False)
   flags.DEFINE_string("output", None, "The feature folder to write (or to complete).")
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
-  flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
-  flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+  distributed.define_flags()
   flags.mark_flags_as_required(["config", "output"])
   app.run(errors.exit_on_user_error(main, "pfm.extract"))

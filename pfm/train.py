@@ -513,7 +513,7 @@ def main(argv):
   del argv
   errors.quiet_library_tracebacks()
   jax.config.update("jax_threefry_partitionable", True)
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  distributed.initialize_from_flags()
   if jax.process_index() > 0:  # one log for the run: process 0's; the others report problems
     logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
@@ -523,11 +523,7 @@ def main(argv):
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-  flags.DEFINE_string("coordinator_address", None,
-                      "host:port of process 0 for a multi-process run (or JAX_COORDINATOR_ADDRESS;"
-                      " detected on TPU slices and under SLURM).")
-  flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
-  flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+  distributed.define_flags()
   flags.DEFINE_integer("resume_step", None,
                        "Resume from this checkpoint step (default: the newest intact one); later "
                        "checkpoints move to WORKDIR/checkpoints_set_aside/.")

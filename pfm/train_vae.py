@@ -422,7 +422,7 @@ def main(argv):
   del argv
   errors.quiet_library_tracebacks()
   jax.config.update("jax_threefry_partitionable", True)
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  distributed.initialize_from_flags()
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)
   train_vae(FLAGS.config, FLAGS.workdir, resume_step=FLAGS.resume_step)
@@ -431,9 +431,7 @@ def main(argv):
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "VAE training config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reconstructions.")
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
-  flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
-  flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+  distributed.define_flags()
   flags.DEFINE_integer("resume_step", None, "Resume from this checkpoint step.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(errors.exit_on_user_error(main, "pfm.train_vae"))

@@ -43,12 +43,7 @@ def _config(vae_dir, features_dir, manifest="", **overrides):
   c.data.num_frames = LATENT_FRAMES
   c.data.max_tokens = 256
   c.extract.clip_hop = 48
-  for field, value in overrides.items():
-    *sections, key = field.split(".")
-    node = c
-    for section in sections:
-      node = node[section]
-    node[key] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 
@@ -345,7 +340,7 @@ def test_two_processes_extract_their_own_shards_into_one_index(features_dir, vae
              f"--config.data.num_frames={LATENT_FRAMES}", "--config.data.max_tokens=256",
              "--config.extract.clip_hop=48", f"--output={folder}"]
   result = local.launch(command, num_processes=2, devices_per_process=1, cwd=REPO, echo=False,
-                        timeout=240)
+                        timeout=600)
   result.check()
   assert "1 new shards" in result.outputs[1] and "2 new shards" in result.outputs[0]
   ours, reference = (features_lib.FeatureSource(str(f)) for f in (folder, features_dir))
