@@ -191,6 +191,228 @@ def convert_vae(source: str, output: str, family: str = "pyramid_mmdit") -> str:
   return output
 
 
+# -- the DiT families ----------------------------------------------------------------------------
+# `_class_name` of the released DiT folders (diffusers' config.json) -> pfm family name.
+DIT_CLASSES = {"PyramidDiffusionMMDiT": "pyramid_mmdit", "PyramidFluxTransformer": "pyramid_flux"}
+
+
+def dit_config_from_official(config: dict[str, Any], **overrides) -> dict[str, Any]:
+  """`MMDiTConfig` fields reproducing a released DiT (its ``config.json``) as the released
+  pipeline builds it.
+
+  The pipeline (``build_pyramid_dit``) overrides the folder's config with temporal causal
+  attention, interpolated history positions and, for the SD3 family, the temporal RoPE and the
+  T5 mask; the fields follow the pipeline. Both families: one conditioning per sample
+  (``conditioning="sample"``), the noise-counting timestep (``time_input="noise"``), captions in
+  the oldest unit's causal block (``text_causal_block=0``), T5 features through one Linear
+  (``text_projection_only``), RMS QK-normalisation. The SD3 family adds its cropped,
+  interpolated sinusoid table (``position_embedding="table"``) and a temporal RoPE over the
+  whole head; miniFLUX has single-stream blocks, a (frame, row, col) RoPE and no additive
+  position.
+
+  Raises:
+    ValueError: for another class or an option pfm's model does not have.
+  """
+  name = config.get("_class_name")
+  if name not in DIT_CLASSES:
+    raise ValueError(f"official DiT config _class_name={name!r} is not one of {sorted(DIT_CLASSES)}")
+  heads, head_dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
+  width = heads * head_dim
+  common = dict(
+      width=width, depth=int(config["num_layers"]), num_heads=heads, mlp_ratio=4.0,
+      text_depth=0, text_width=width, text_embed_dim=int(config["joint_attention_dim"]),
+      pooled_embed_dim=int(config["pooled_projection_dim"]), text_projection_only=True,
+      time_frequency_dim=256, time_scale=1000.0, time_input="noise", conditioning="sample",
+      text_causal_block=0, text_time_conditioning=True, rope_theta=10_000.0,
+      norm_epsilon=1e-6, output_head="patch")
+  if DIT_CLASSES[name] == "pyramid_mmdit":
+    for key, allowed in (("pos_embed_type", "sincos"), ("qk_norm", "rms_norm")):
+      if config.get(key, allowed) != allowed:
+        raise ValueError(f"official DiT config {key}={config[key]!r}: pfm converts {allowed!r}")
+    if int(config["caption_projection_dim"]) != width:
+      raise ValueError(f"official DiT config caption_projection_dim="
+                       f"{config['caption_projection_dim']} differs from the width {width}")
+    patch = int(config["patch_size"])
+    fields = dict(
+        common, patch_size=patch, channels=int(config["in_channels"]), single_blocks=0,
+        qk_norm_epsilon=1e-5, position_embedding="table",
+        position_table_size=int(config["pos_embed_max_size"]),
+        position_table_base=int(config["sample_size"]) // patch, rope_axes=())
+  else:
+    axes = tuple(int(d) for d in config.get("axes_dims_rope", (16, 24, 24)))
+    # miniFLUX patchifies 2x2 itself: its in_channels counts a patch's features.
+    fields = dict(
+        common, patch_size=2, channels=int(config["in_channels"]) // 4,
+        single_blocks=int(config["num_single_layers"]), qk_norm_epsilon=1e-6,
+        position_embedding="none", rope_axes=axes)
+  return fields | overrides
+
+
+def _rope_order(head_dim: int) -> np.ndarray:
+  """pfm's head features from the official ones: the official RoPE rotates adjacent pairs
+  (2i, 2i + 1), pfm's rotate-half pairs (i, i + Dh / 2); attention logits are unchanged when
+  queries and keys (and their norms' scales) are permuted alike."""
+  return np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
+
+
+def _swap_halves(w: np.ndarray) -> np.ndarray:
+  """(scale, shift) -> (shift, scale) along axis 0 (diffusers' AdaLayerNormContinuous)."""
+  scale, shift = np.split(w, 2, axis=0)
+  return np.concatenate([shift, scale], axis=0)
+
+
+def dit_parameters(tensors: dict[str, np.ndarray], fields: dict[str, Any]
+                   ) -> dict[tuple[str | int, ...], tuple[str, np.ndarray]]:
+  """pfm parameter path -> (official tensor name, value in pfm's layout) of a released DiT.
+
+  Layouts: Linear weights [out, in] -> kernels [in, out]; the per-head projections
+  [H * Dh, D] -> [D, H, Dh] (queries and keys, their biases and QK-norm scales with the head
+  features in `_rope_order`); the output projection [D, H * Dh] -> [H, Dh, D]; modulations
+  [n * D, D] -> [D, n, D] in diffusers' chunk order (shift, scale, gate, ...), except
+  AdaLayerNormContinuous's (scale, shift), which is swapped; the SD3 patch convolution
+  [D, C, p, p] -> [p * p * C, D] in pfm's (row, col, channel) patch order; miniFLUX's
+  single-block output Linear over [attention; MLP hidden] split into its two column blocks. The
+  final layer is negated: the released models predict the velocity towards noise, pfm the
+  velocity towards data.
+
+  Raises:
+    CheckpointLayoutError: naming a tensor no rule maps.
+  """
+  width, heads = fields["width"], fields["num_heads"]
+  head_dim = width // heads
+  order = _rope_order(head_dim)
+  out: dict[tuple[str | int, ...], tuple[str, np.ndarray]] = {}
+
+  def put(path, name, value):
+    out[tuple(path)] = (name, np.asarray(value, np.float32))
+
+  def linear(path, prefix, weight_fn=lambda w: w.T, bias_fn=lambda b: b):
+    put((*path, "kernel"), prefix + ".weight", weight_fn(tensors[prefix + ".weight"]))
+    if prefix + ".bias" in tensors:
+      put((*path, "bias"), prefix + ".bias", bias_fn(tensors[prefix + ".bias"]))
+
+  def heads_in(path, prefix, permute):
+    idx = order if permute else np.arange(head_dim)
+    linear(path, prefix, lambda w: w.T.reshape(width, heads, head_dim)[..., idx],
+           lambda b: b.reshape(heads, head_dim)[..., idx])
+
+  def heads_out(path, prefix):
+    linear(path, prefix, lambda w: w.T.reshape(heads, head_dim, width))
+
+  def modulation(path, prefix, n, swap=False):
+    fix = _swap_halves if swap else (lambda w: w)
+    linear(path, prefix, lambda w: fix(w).T.reshape(width, n, width),
+           lambda b: fix(b).reshape(n, width))
+
+  def qkv(path, prefix, q, k, v, q_norm, k_norm):
+    heads_in((*path, "q"), f"{prefix}.{q}", True)
+    heads_in((*path, "k"), f"{prefix}.{k}", True)
+    heads_in((*path, "v"), f"{prefix}.{v}", False)
+    put((*path, "q_norm", "scale"), f"{prefix}.{q_norm}.weight",
+        tensors[f"{prefix}.{q_norm}.weight"][order])
+    put((*path, "k_norm", "scale"), f"{prefix}.{k_norm}.weight",
+        tensors[f"{prefix}.{k_norm}.weight"][order])
+
+  def mlp(path, prefix):
+    linear((*path, "fc1"), f"{prefix}.net.0.proj")
+    linear((*path, "fc2"), f"{prefix}.net.2")
+
+  if "pos_embed.proj.weight" in tensors:  # SD3: Conv2d(C, D, p, stride p)
+    linear(("patch_embed",), "pos_embed.proj", lambda w: np.transpose(w, (2, 3, 1, 0)).reshape(
+        -1, w.shape[0]))
+  else:
+    linear(("patch_embed",), "x_embedder")
+  linear(("time_embed", "mlp", "fc1"), "time_text_embed.timestep_embedder.linear_1")
+  linear(("time_embed", "mlp", "fc2"), "time_text_embed.timestep_embedder.linear_2")
+  linear(("pooled_text_embed", "fc1"), "time_text_embed.text_embedder.linear_1")
+  linear(("pooled_text_embed", "fc2"), "time_text_embed.text_embedder.linear_2")
+  linear(("text_projection",), "context_embedder")
+  text_norm = "norm_add" if fields["single_blocks"] == 0 else "norm_added"
+  for i in range(fields["depth"]):
+    src, dst = f"transformer_blocks.{i}", ("blocks", i)
+    text_pre_only = fields["single_blocks"] == 0 and i == fields["depth"] - 1
+    modulation((*dst, "video", "modulation"), f"{src}.norm1.linear", 6)
+    modulation((*dst, "text", "modulation"), f"{src}.norm1_context.linear",
+               2 if text_pre_only else 6, swap=text_pre_only)
+    qkv((*dst, "video", "qkv"), f"{src}.attn", "to_q", "to_k", "to_v", "norm_q", "norm_k")
+    qkv((*dst, "text", "qkv"), f"{src}.attn", "add_q_proj", "add_k_proj", "add_v_proj",
+        f"{text_norm}_q", f"{text_norm}_k")
+    heads_out((*dst, "video", "out"), f"{src}.attn.to_out.0")
+    mlp((*dst, "video", "mlp"), f"{src}.ff")
+    if not text_pre_only:
+      heads_out((*dst, "text", "out"), f"{src}.attn.to_add_out")
+      mlp((*dst, "text", "mlp"), f"{src}.ff_context")
+  for i in range(fields["single_blocks"]):
+    src, dst = f"single_transformer_blocks.{i}", ("single_blocks", i)
+    modulation((*dst, "modulation"), f"{src}.norm.linear", 3)
+    qkv((*dst, "qkv"), f"{src}.attn", "to_q", "to_k", "to_v", "norm_q", "norm_k")
+    linear((*dst, "mlp", "fc1"), f"{src}.proj_mlp")
+    w = tensors[f"{src}.proj_out.weight"]  # [D, D + hidden] over [attention; MLP hidden]
+    put((*dst, "attention_out", "kernel"), f"{src}.proj_out.weight",
+        w[:, :width].T.reshape(heads, head_dim, width))
+    put((*dst, "mlp", "fc2", "kernel"), f"{src}.proj_out.weight", w[:, width:].T)
+    put((*dst, "mlp", "fc2", "bias"), f"{src}.proj_out.bias", tensors[f"{src}.proj_out.bias"])
+  modulation(("final_layer", "modulation"), "norm_out.linear", 2, swap=True)
+  linear(("final_layer", "linear"), "proj_out", lambda w: -w.T, lambda b: -b)
+
+  used = {name for name, _ in out.values()}
+  for name in tensors:
+    if name not in used and name not in _DERIVED_BUFFERS:
+      raise CheckpointLayoutError(f"unexpected tensor {name!r} (no pfm parameter maps it)")
+  return out
+
+
+# Buffers the released DiTs save that pfm computes (SD3's sinusoid table).
+_DERIVED_BUFFERS = ("pos_embed.pos_embed",)
+
+
+def assign_parameters(model: nnx.Module, mapped: dict[tuple[str | int, ...], tuple[str, Any]]
+                      ) -> None:
+  """Sets every parameter of ``model`` from ``mapped`` (path -> (source name, value)).
+
+  Raises:
+    CheckpointLayoutError: naming a parameter that nothing fills, a mapped path the model does
+      not have, or a shape that differs.
+  """
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  for path, (name, value) in mapped.items():
+    if path not in params:
+      raise CheckpointLayoutError(f"tensor {name!r} maps to {'/'.join(map(str, path))}, which "
+                                  "the pfm model does not have")
+    variable = params[path]
+    if value.shape != variable.shape:
+      raise CheckpointLayoutError(f"tensor {name!r} has shape {value.shape} after conversion; "
+                                  f"{'/'.join(map(str, path))} has {variable.shape}")
+    variable.set_value(np.asarray(value, variable.dtype))
+  missing = [p for p in params if p not in mapped]
+  if missing:
+    raise CheckpointLayoutError(f"missing tensor for {'/'.join(map(str, missing[0]))} "
+                                f"({len(missing)} parameters unfilled)")
+
+
+def load_official_dit(folder: str, **overrides):
+  """The released DiT of ``folder`` (``config.json`` + ``*.safetensors``) as a pfm `MMDiT` and
+  its `MMDiTConfig`.
+
+  Raises:
+    FileNotFoundError: if the folder lacks its config or weights.
+    CheckpointLayoutError: see `dit_parameters` / `assign_parameters`. ValueError: see
+      `dit_config_from_official`.
+  """
+  from pfm import models  # the model package is heavy; only the DiT path needs it
+  path = os.path.join(folder, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{folder}: no config.json (a released diffusion_transformer_* "
+                            "folder)")
+  with open(path) as f:
+    fields = dit_config_from_official(json.load(f), **overrides)
+  config = models.MMDiTConfig(**fields)
+  mapped = dit_parameters(te.read_safetensors(folder), fields)
+  model = models.MMDiT(config, rngs=nnx.Rngs(0))
+  assign_parameters(model, mapped)
+  return model, config
+
+
 def main(argv):
   del argv
   errors.quiet_library_tracebacks()

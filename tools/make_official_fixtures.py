@@ -21,6 +21,23 @@ What it makes, deterministic (torch.manual_seed(0)):
   ``z`` a fixed latent [1, 4, 3, 8, 8] and ``decoded`` = ``decode(z)``, all float32, whole clips
   (no temporal chunks, no tiles).
 
+* ``mmdit/`` and ``flux/``: tiny random DiTs of the two released families,
+  `pyramid_dit.mmdit_modules.PyramidDiffusionMMDiT` (SD3's MM-DiT: 2 joint blocks, width 32, 2
+  heads) and `pyramid_dit.flux_modules.PyramidFluxTransformer` (miniFLUX: 2 joint and 2
+  single-stream blocks, width 32, 2 heads, 3-axis RoPE (4, 6, 6)), built with the options the
+  released pipeline sets (`build_pyramid_dit`: temporal causal attention, interpolated history
+  positions, no flash attention; the MM-DiT with its temporal RoPE and T5 mask) and saved with
+  ``save_pretrained`` as the released ``diffusion_transformer_*`` folders are. Every parameter
+  is random (the zero-initialised modulations and output layer included).
+* ``<family>/expected.npz``: one sampling call of each as the released pipeline makes it
+  (`generate_one_unit`): a batch of 2 captions (T5-like features ``text`` [2, 6, 20] with
+  ``text_mask`` [2, 6], the second caption shorter, pooled ``pooled`` [2, 12]) and timesteps
+  ``timestep`` [2] (on the 0..1000 noise scale), for a current unit ``current`` [2, 4, 1, 8, 8]
+  after a history of ``history_old`` [2, 4, 1, 4, 4] (a coarser level) and ``history_recent``
+  [2, 4, 1, 8, 8], in the official [B, C, T, H, W] layout; ``output`` the official prediction at
+  the current unit (a velocity towards noise), and ``output_first`` that of the first unit
+  (``current`` alone, no history).
+
 The official code imports IPython only for a debugging hook; a stub stands in for it.
 """
 
@@ -71,12 +88,92 @@ def make_vae(official: str, output: str) -> None:
   print(f"{folder}: {sum(p.numel() for p in model.parameters())} parameters")
 
 
+MMDIT_CONFIG = dict(
+    sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+    num_attention_heads=2, caption_projection_dim=32, pooled_projection_dim=12,
+    pos_embed_max_size=12, max_num_frames=8, qk_norm="rms_norm", pos_embed_type="sincos",
+    temp_pos_embed_type="rope", joint_attention_dim=20, use_flash_attn=False,
+    use_temporal_causal=True, use_t5_mask=True, add_temp_pos_embed=True,
+    interp_condition_pos=True)
+FLUX_CONFIG = dict(
+    patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=20, pooled_projection_dim=12,
+    axes_dims_rope=[4, 6, 6], use_flash_attn=False, use_temporal_causal=True,
+    interp_condition_pos=True)
+
+
+def _randomise(model) -> None:
+  """Every parameter drawn at random, so a transposed, swapped or zero tensor shows."""
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim > 1:
+        p.copy_(torch.randn_like(p) / np.sqrt(p[0].numel()))
+      elif "norm" in name:
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      else:
+        p.copy_(0.2 * torch.randn_like(p))
+
+
+def make_dit(official: str, output: str, family: str) -> None:
+  sys.path.insert(0, official)
+  sys.modules.setdefault("IPython", types.SimpleNamespace(embed=lambda *a, **k: None))
+  # The DiT modules without `pyramid_dit/__init__.py`, which imports the whole pipeline
+  # (torchvision, the VAE, ...): a bare package object with the folder as its path.
+  package = types.ModuleType("pyramid_dit")
+  package.__path__ = [os.path.join(official, "pyramid_dit")]
+  sys.modules.setdefault("pyramid_dit", package)
+  # The DiTs use only `trainer_misc`'s sequence-parallel queries (all False outside a parallel
+  # run); its `utils` imports a training stack (tensorboardX, timm, ...) that is not needed.
+  misc = types.ModuleType("trainer_misc")
+  misc.is_sequence_parallel_initialized = lambda: False
+  for name in ("get_sequence_parallel_group", "get_sequence_parallel_world_size",
+               "get_sequence_parallel_rank", "all_to_all"):
+    setattr(misc, name, None)
+  sys.modules.setdefault("trainer_misc", misc)
+  torch.manual_seed(0)
+  if family == "mmdit":
+    from pyramid_dit.mmdit_modules import PyramidDiffusionMMDiT
+    model = PyramidDiffusionMMDiT(**MMDIT_CONFIG).eval()
+  else:
+    from pyramid_dit.flux_modules import PyramidFluxTransformer
+    model = PyramidFluxTransformer(**FLUX_CONFIG).eval()
+  _randomise(model)
+  folder = os.path.join(output, family)
+  os.makedirs(folder, exist_ok=True)
+  model.save_pretrained(folder, safe_serialization=True)
+  g = torch.Generator().manual_seed(2)
+  inputs = dict(
+      text=torch.randn((2, 6, 20), generator=g),
+      text_mask=torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]]),
+      pooled=torch.randn((2, 12), generator=g),
+      timestep=torch.tensor([750.0, 500.0]),
+      history_old=torch.randn((2, 4, 1, 4, 4), generator=g),
+      history_recent=torch.randn((2, 4, 1, 8, 8), generator=g),
+      current=torch.randn((2, 4, 1, 8, 8), generator=g))
+  def call(sample):
+    with torch.no_grad():
+      return model(sample=[sample], encoder_hidden_states=inputs["text"],
+                   encoder_attention_mask=inputs["text_mask"],
+                   pooled_projections=inputs["pooled"], timestep_ratio=inputs["timestep"])[0]
+  output_history = call([inputs["history_old"], inputs["history_recent"], inputs["current"]])
+  output_first = call([inputs["current"]])
+  np.savez(os.path.join(folder, "expected.npz"), output=output_history.numpy(),
+           output_first=output_first.numpy(), **{k: v.numpy() for k, v in inputs.items()})
+  print(f"{folder}: {sum(p.numel() for p in model.parameters())} parameters")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--official", required=True, help="a checkout of jy0205/Pyramid-Flow")
   parser.add_argument("--output", default="tests/fixtures/official")
+  parser.add_argument("--parts", default="vae,mmdit,flux", help="comma-separated fixtures")
   args = parser.parse_args()
-  make_vae(os.path.abspath(args.official), args.output)
+  parts = args.parts.split(",")
+  if "vae" in parts:
+    make_vae(os.path.abspath(args.official), args.output)
+  for family in ("mmdit", "flux"):
+    if family in parts:
+      make_dit(os.path.abspath(args.official), args.output, family)
 
 
 if __name__ == "__main__":

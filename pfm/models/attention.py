@@ -32,6 +32,7 @@ class QKV(nnx.Module):
     *,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
+    epsilon: float = 1e-6,
     rngs: nnx.Rngs,
   ):
     if width % num_heads:
@@ -42,8 +43,8 @@ class QKV(nnx.Module):
     self.q = linear_general(width, (num_heads, head_dim), names, **kw)
     self.k = linear_general(width, (num_heads, head_dim), names, **kw)
     self.v = linear_general(width, (num_heads, head_dim), names, **kw)
-    self.q_norm = rms_norm(head_dim, **kw)
-    self.k_norm = rms_norm(head_dim, **kw)
+    self.q_norm = rms_norm(head_dim, epsilon=epsilon, **kw)
+    self.k_norm = rms_norm(head_dim, epsilon=epsilon, **kw)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """[B, L, D] -> (q, k, v), each [B, L, H, Dh] in the compute dtype."""
@@ -60,10 +61,11 @@ def attention_output(
   dtype: Any = jnp.float32,
   param_dtype: Any = jnp.float32,
   kernel_init: Callable[..., Any] | None = None,
+  use_bias: bool = True,
   rngs: nnx.Rngs,
 ) -> nnx.LinearGeneral:
   """Output projection [B, L, H, Dh] -> [B, L, D] (kernel named heads, kv, embed)."""
   kw = {} if kernel_init is None else {"kernel_init": kernel_init}
   return linear_general(
     (num_heads, width // num_heads), width, ("heads", "kv", "embed"), axis=(-2, -1),
-    dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kw)
+    dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, rngs=rngs, **kw)

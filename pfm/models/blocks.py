@@ -1,9 +1,12 @@
-"""The blocks of the MM-DiT: one stream with adaLN-Zero, the joint text/video block, the output.
+"""The blocks of the MM-DiT: one stream with adaLN-Zero, the joint text/video block, the
+single-stream block, the output.
 
 Pyramidal Flow (Jin et al., ICLR 2025) Sec. 4.1 and Appendix B, on the MM-DiT of SD3-Medium
 (Esser et al., 2024): text and video keep separate weights and meet in one joint attention over
 [text; video] in every block; each stream is modulated per token with adaLN-Zero (shift, scale,
-gate; modulation initialised to zero so every block starts as the identity).
+gate; modulation initialised to zero so every block starts as the identity). FLUX (Black Forest
+Labs, 2024; Pyramid Flow's miniFLUX) follows its joint blocks with single-stream blocks over
+[text; video] with one set of weights.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class StreamBlock(nnx.Module):
     n_mod = 2 if pre_only else 6
     self.modulation = linear_general(
       width, (n_mod, width), ("embed", None, "mlp"), kernel_init=zeros, **kw)
-    self.qkv = QKV(width, config.num_heads, **kw)
+    self.qkv = QKV(width, config.num_heads, epsilon=config.qk_norm_epsilon, **kw)
     if not pre_only:
       self.out = attention_output(width, config.num_heads, **kw)
       self.mlp = Mlp(width, int(width * config.mlp_ratio), **kw)
@@ -129,6 +132,41 @@ class JointBlock(nnx.Module):
     a = dot_product_attention(
       apply_rope(qv, angles), k, v, mask, backend=self.attention_backend)
     return self.video.post_attention(x_video, a, mod_v)
+
+
+class SingleBlock(nnx.Module):
+  """FLUX's single-stream block over [text; video]: one modulated LayerNorm feeds attention and
+  the MLP in parallel, and one projection of both outputs is the gated residual update:
+
+      h = LN(x) (1 + scale) + shift,   x += gate * (Out(Attention(QKV(h))) + W2 GELU(W1 h)).
+
+  FLUX keeps one Linear over the concatenation [attention; MLP hidden]; it is stored here as its
+  two column blocks, `attention_out` (heads, kv -> embed) and `mlp.fc2` (mlp -> embed, with the
+  bias), so tensor parallelism shards each like the joint blocks' projections.
+  """
+
+  def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    width = config.width
+    self.attention_backend = config.attention_backend
+    self.epsilon = config.norm_epsilon
+    self.modulation = linear_general(
+      width, (3, width), ("embed", None, "mlp"), kernel_init=zeros, **kw)  # shift, scale, gate
+    self.qkv = QKV(width, config.num_heads, epsilon=config.qk_norm_epsilon, **kw)
+    self.attention_out = attention_output(width, config.num_heads, use_bias=False, **kw)
+    self.mlp = Mlp(width, int(width * config.mlp_ratio), **kw)
+
+  def __call__(self, x: jax.Array, c: jax.Array, angles: jax.Array, mask: MaskInfo) -> jax.Array:
+    """x, c: [B, L, D] the joint stream [text; video] and its conditioning; angles: float32
+    [B, L, Dh / 2]; mask: metadata of the joint stream. Returns the updated x [B, L, D]."""
+    mod = with_logical_constraint(self.modulation(jax.nn.silu(c)), ACT_MODULATION)
+    h = layer_norm_no_affine(x, self.epsilon) * (1 + mod[:, :, 1]) + mod[:, :, 0]
+    q, k, v = self.qkv(h)
+    a = dot_product_attention(apply_rope(q, angles), apply_rope(k, angles), v, mask,
+                              backend=self.attention_backend)
+    x = x + mod[:, :, 2] * (self.attention_out(a) + self.mlp(h))
+    return with_logical_constraint(x, ACT_EMBED)
 
 
 class FinalLayer(nnx.Module):

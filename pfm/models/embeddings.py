@@ -85,6 +85,81 @@ def rope_angles(
   return positions.astype(jnp.float32)[..., None] * inv_freq
 
 
+def rope_angles_axes(
+  positions: jax.Array, axes_dims: tuple[int, ...], theta: float = 10_000.0
+) -> jax.Array:
+  """Angles of a RoPE over several position axes (FLUX's 3-axis RoPE; Pyramid Flow miniFLUX).
+
+  Args:
+    positions: [B, L, n] each token's position on n axes (e.g. frame, row, col), int or float.
+    axes_dims: n even head-feature counts, one per axis, summing to the head size.
+    theta: RoPE base, the same on every axis.
+
+  Returns:
+    float32 [B, L, sum(axes_dims) / 2]: the angles of axis 0 (`rope_angles` with head_dim
+    axes_dims[0]), then of axis 1, and so on.
+
+  Raises:
+    ValueError: if the number of axes differs from positions' last axis, or an entry is odd.
+  """
+  if positions.shape[-1] != len(axes_dims):
+    raise ValueError(f"{len(axes_dims)} RoPE axes {axes_dims} for positions with "
+                     f"{positions.shape[-1]} axes.")
+  return jnp.concatenate([rope_angles(positions[..., i], d, theta)
+                          for i, d in enumerate(axes_dims)], axis=-1)
+
+
+def table_position_embedding(
+  positions: jax.Array, grid: jax.Array, dim: int, table_size: int, table_base: int
+) -> jax.Array:
+  """SD3's cropped sinusoid table, bilinearly resampled for lower-resolution units.
+
+  Stable Diffusion 3 (Esser et al., 2024) adds a fixed 2-D sinusoidal table of
+  ``table_size``^2 positions, centre-cropped to the token grid; Pyramid Flow's released models
+  crop it to the current unit's grid and resize the crop bilinearly (``align_corners=False``) to
+  a lower-resolution history unit's grid (``interp_condition_pos``). A history token at the
+  centre-aligned fractional position ``p`` (`pfm.pyramid.tokens.grid_positions`) is exactly the
+  sample point of that resize, so its embedding is the linear blend of the table rows
+  ``floor(p)`` and ``floor(p) + 1`` (clamped to the crop); blending sinusoids is not the
+  sinusoid of the blended position, which is why this differs from "sincos".
+
+  The table's entry at (row i, col j) is ``[S(j / r), S(i / r)]`` (columns first), with
+  ``r = table_size / table_base`` and ``S(x) = [sin(x w_k), cos(x w_k)]``,
+  ``w_k = 10000^(-k / (dim / 4))``, k < dim / 4.
+
+  Args:
+    positions: float [B, L, 2] (row, col) on the current unit's grid, patch units.
+    grid: [B, L, 2] (rows, cols) of the current unit's token grid at each token.
+    dim: output width, a multiple of 4.
+    table_size: side of the table (SD3's ``pos_embed_max_size``).
+    table_base: SD3's ``base_size``.
+
+  Returns:
+    float32 [B, L, dim].
+
+  Raises:
+    ValueError: if dim is not a multiple of 4.
+  """
+  if dim % 4:
+    raise ValueError(f"dim must be a multiple of 4, got {dim}.")
+  ratio = table_size / table_base
+
+  def axis(pos, n):
+    offset = (table_size - n) // 2                   # the centre crop
+    src = jnp.maximum(pos.astype(jnp.float32), 0.0)
+    i0 = jnp.floor(src)
+    lam = (src - i0)[..., None]
+    i1 = jnp.minimum(i0 + 1.0, n - 1.0)
+    def entry(i):
+      cos_sin = sinusoidal_embedding((offset + i) / ratio, dim // 2)
+      return jnp.concatenate([cos_sin[..., dim // 4:], cos_sin[..., :dim // 4]], axis=-1)
+    return (1.0 - lam) * entry(i0) + lam * entry(i1)
+
+  grid = grid.astype(jnp.float32)
+  return jnp.concatenate([axis(positions[..., 1], grid[..., 1]),
+                          axis(positions[..., 0], grid[..., 0])], axis=-1)
+
+
 def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
   """Rotates feature pairs (x_i, x_{i + D/2}) by `angles` (rotate-half RoPE).
 
@@ -129,7 +204,11 @@ class MLPEmbedder(nnx.Module):
 
 
 class TimestepEmbedder(nnx.Module):
-  """Per-token noise-level embedding: MLP(sinusoidal(t * time_scale)) (DiT / SD3)."""
+  """Per-token noise-level embedding: MLP(sinusoidal(t * time_scale)) (DiT / SD3).
+
+  With ``noise_input`` it embeds ``(1 - t) * time_scale`` instead: the diffusers timestep, which
+  counts noise at ``time_scale`` (Pyramid Flow's released models).
+  """
 
   def __init__(
     self,
@@ -137,12 +216,14 @@ class TimestepEmbedder(nnx.Module):
     *,
     frequency_dim: int = 256,
     time_scale: float = 1000.0,
+    noise_input: bool = False,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,
   ):
     self.frequency_dim = frequency_dim
     self.time_scale = time_scale
+    self.noise_input = noise_input
     self.dtype = dtype
     self.mlp = MLPEmbedder(
       frequency_dim, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -156,5 +237,6 @@ class TimestepEmbedder(nnx.Module):
     Returns:
       [..., width] in the compute dtype.
     """
+    t = 1.0 - t if self.noise_input else t
     freqs = sinusoidal_embedding(t * self.time_scale, self.frequency_dim)
     return self.mlp(freqs.astype(self.dtype))

@@ -41,15 +41,18 @@ from flax import nnx, struct
 
 from pfm.batch import TextTokens, VideoTokens
 from pfm.models.axes import ACT_EMBED
-from pfm.models.blocks import FinalLayer, JointBlock
+from pfm.models.blocks import FinalLayer, JointBlock, SingleBlock
 from pfm.models.embeddings import (
-  MLPEmbedder, TimestepEmbedder, rope_angles, spatial_position_embedding)
+  MLPEmbedder, TimestepEmbedder, rope_angles, rope_angles_axes, spatial_position_embedding,
+  table_position_embedding)
 from pfm.models import overlap
 from pfm.models.layers import linear
-from pfm.models.masks import TEXT_CAUSAL_BLOCK, MaskInfo
+from pfm.models.masks import MaskInfo
 from pfm.models.partitioning import with_logical_constraint
-from pfm.models.presets import OUTPUT_HEADS, MMDiTConfig, model_config
-from pfm.models.stacking import call_block, remat_policy, scan_blocks, scan_decode, stacked_blocks
+from pfm.models.presets import (
+  CONDITIONINGS, OUTPUT_HEADS, POSITION_EMBEDDINGS, TIME_INPUTS, MMDiTConfig, model_config)
+from pfm.models.stacking import (
+  call_block, call_single_block, remat_policy, scan_blocks, scan_decode, stacked_blocks)
 from pfm.models.text import ByteTextEncoder, segment_mean
 
 
@@ -103,6 +106,21 @@ class MMDiT(nnx.Module):
       raise ValueError(f"output_head={config.output_head!r} is not one of {OUTPUT_HEADS}.")
     if config.output_head == "overlap" and config.patch_size % 2:
       raise ValueError(f"output_head='overlap' needs an even patch size, got {config.patch_size}.")
+    for name, value, known in (("position_embedding", config.position_embedding,
+                                POSITION_EMBEDDINGS), ("time_input", config.time_input,
+                                TIME_INPUTS), ("conditioning", config.conditioning,
+                                CONDITIONINGS)):
+      if value not in known:
+        raise ValueError(f"{name}={value!r} is not one of {known}.")
+    if config.rope_axes and (len(config.rope_axes) != 3 or sum(config.rope_axes) != config.head_dim
+                             or any(d % 2 for d in config.rope_axes)):
+      raise ValueError(f"rope_axes={tuple(config.rope_axes)} must be 3 even sizes (frame, row, "
+                       f"col) summing to the head size {config.head_dim}.")
+    if config.text_projection_only and (config.text_embed_dim is None
+                                        or config.text_width != config.width):
+      raise ValueError("text_projection_only needs text_embed_dim and text_width == width.")
+    if config.single_blocks < 0:
+      raise ValueError(f"single_blocks must be >= 0, got {config.single_blocks}.")
     remat_policy(config.remat_policy)  # Validates the name.
     self.config = config
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
@@ -112,7 +130,8 @@ class MMDiT(nnx.Module):
 
     self.patch_embed = linear(config.patch_dim, width, (None, "embed"), **kw)
     self.time_embed = TimestepEmbedder(
-      width, frequency_dim=config.time_frequency_dim, time_scale=config.time_scale, **kw)
+      width, frequency_dim=config.time_frequency_dim, time_scale=config.time_scale,
+      noise_input=config.time_input == "noise", **kw)
     if config.text_depth > 0:
       self.text_encoder = ByteTextEncoder(
         config.text_width, config.text_depth, config.text_heads,
@@ -125,17 +144,24 @@ class MMDiT(nnx.Module):
         config.text_embed_dim, config.text_width, (None, "embed"), **kw)
     else:
       self.text_projection = None
-    self.context_embed = linear(config.text_width, width, (None, "embed"), **kw)
+    if config.text_projection_only:
+      self.context_embed = None
+    else:
+      self.context_embed = linear(config.text_width, width, (None, "embed"), **kw)
     self.pooled_text_embed = MLPEmbedder(config.pooled_embed_dim or config.text_width, width,
                                          **kw)
+    # The last joint block's text output is used only when single-stream blocks follow.
+    last_pre_only = config.single_blocks == 0
     if config.scan_layers:
       self.blocks = stacked_blocks(config, config.depth - 1, rngs) if config.depth > 1 else None
-      self.last_block = JointBlock(config, text_pre_only=True, rngs=rngs)
+      self.last_block = JointBlock(config, text_pre_only=last_pre_only, rngs=rngs)
     else:
       self.blocks = nnx.List([
-        JointBlock(config, text_pre_only=(i == config.depth - 1), rngs=rngs)
+        JointBlock(config, text_pre_only=last_pre_only and i == config.depth - 1, rngs=rngs)
         for i in range(config.depth)
       ])
+    self.single_blocks = nnx.List([
+      SingleBlock(config, rngs=rngs) for _ in range(config.single_blocks)])
     self.final_layer = FinalLayer(config, rngs=rngs)
 
   def encode_text(
@@ -192,6 +218,10 @@ class MMDiT(nnx.Module):
     Returns:
       a `ContextCache` for `decode`.
     """
+    if self.config.single_blocks or self.config.conditioning == "sample":
+      raise ValueError("encode_context needs joint blocks only and conditioning='token': with "
+                       "single-stream blocks or one conditioning per sample the context depends "
+                       "on the tokens being generated.")
     context, _, _ = self._forward(video, text, collect_kv=True)
     return context
 
@@ -203,12 +233,13 @@ class MMDiT(nnx.Module):
     new tokens only.
     """
     config = self.config
-    x_video, c_video = self._embed_video(video, context.pooled_text, context.text_segment_ids)
+    x_video, c_video = self._embed_video(video, context.pooled_text, context.text_segment_ids,
+                                         None)
     mask = MaskInfo(
       video.segment_ids, video.causal_block,
       jnp.concatenate([context.segment_ids, video.segment_ids], 1),
       jnp.concatenate([context.causal_blocks, video.causal_block], 1))
-    angles = rope_angles(video.rope_positions, config.head_dim, config.rope_theta)
+    angles = self._angles(video.rope_positions, video.positions)
     if config.scan_layers:
       if self.blocks is not None:
         x_video = scan_decode(self.blocks, x_video, c_video, angles, mask, context.stacked_kv)
@@ -220,14 +251,33 @@ class MMDiT(nnx.Module):
 
   # -- shared pieces ---------------------------------------------------------------------------
 
-  def _embed_video(self, video: VideoTokens, pooled_text, text_segment_ids):
-    """Patch embedding + 2-D sinusoidal position; conditioning time + the segment's caption."""
+  def _embed_video(self, video: VideoTokens, pooled_text, text_segment_ids, c_text):
+    """Patch embedding + spatial position; conditioning: the token's time + its segment's
+    caption, or (``conditioning="sample"``) its segment's caption conditioning ``c_text``."""
     config = self.config
-    x_video = self.patch_embed(video.tokens.astype(self.dtype)) + spatial_position_embedding(
-      video.positions, config.width, config.position_max_period).astype(self.dtype)
-    c_video = self.time_embed(video.t) + segment_mean(
-      pooled_text, video.segment_ids, text_segment_ids)               # [B, L, D]
+    x_video = self.patch_embed(video.tokens.astype(self.dtype))
+    if config.position_embedding == "sincos":
+      x_video = x_video + spatial_position_embedding(
+        video.positions, config.width, config.position_max_period).astype(self.dtype)
+    elif config.position_embedding == "table":
+      x_video = x_video + table_position_embedding(
+        video.positions, current_grid(video.positions, video.segment_ids), config.width,
+        config.position_table_size, config.position_table_base).astype(self.dtype)
+    if config.conditioning == "sample":
+      c_video = segment_mean(c_text, video.segment_ids, text_segment_ids)
+    else:
+      c_video = self.time_embed(video.t) + segment_mean(
+        pooled_text, video.segment_ids, text_segment_ids)             # [B, L, D]
     return with_logical_constraint(x_video, ACT_EMBED), with_logical_constraint(c_video, ACT_EMBED)
+
+  def _angles(self, temporal_positions, positions):
+    """RoPE angles [B, L, Dh / 2]: temporal only, or (frame, row, col) with `rope_axes`."""
+    config = self.config
+    if not config.rope_axes:
+      return rope_angles(temporal_positions, config.head_dim, config.rope_theta)
+    axes = jnp.concatenate([temporal_positions.astype(jnp.float32)[..., None],
+                            positions.astype(jnp.float32)], axis=-1)
+    return rope_angles_axes(axes, tuple(config.rope_axes), config.rope_theta)
 
   def _forward(self, video: VideoTokens, text: TextTokens, *, collect_kv: bool):
     """All blocks over [text; video] -> (ContextCache of every token, x_video, c_video).
@@ -251,19 +301,23 @@ class MMDiT(nnx.Module):
     pooled = self.pooled_text_embed(
       segment_mean(pooled_input, text_segment_ids, text_segment_ids))  # [B, Lt, D]
     c_text = with_logical_constraint(self.time_embed(text_t) + pooled, ACT_EMBED)
-    x_video, c_video = self._embed_video(video, pooled, text_segment_ids)
-    x_text = with_logical_constraint(self.context_embed(features), ACT_EMBED)
+    x_video, c_video = self._embed_video(video, pooled, text_segment_ids, c_text)
+    if self.context_embed is not None:
+      features = self.context_embed(features)
+    x_text = with_logical_constraint(features, ACT_EMBED)
 
-    # Joint sequence [text; video]: mask metadata (text at frame -1) and temporal RoPE angles
-    # (text at position 0).
+    # Joint sequence [text; video]: mask metadata (text at frame `text_causal_block`) and RoPE
+    # angles (text at position 0 on every axis).
     segment_ids = jnp.concatenate([text_segment_ids, video.segment_ids], axis=1)
     causal_blocks = jnp.concatenate(
-      [jnp.full_like(text_segment_ids, TEXT_CAUSAL_BLOCK), video.causal_block], axis=1)
+      [jnp.full_like(text_segment_ids, config.text_causal_block), video.causal_block], axis=1)
     mask = MaskInfo.self_attention(segment_ids, causal_blocks)
-    angles = rope_angles(
+    lt = text_segment_ids.shape[1]
+    angles = self._angles(
       jnp.concatenate([jnp.zeros(text_segment_ids.shape, jnp.float32),
                        video.rope_positions.astype(jnp.float32)], axis=1),
-      config.head_dim, config.rope_theta)
+      jnp.concatenate([jnp.zeros((*text_segment_ids.shape, 2), jnp.float32),
+                       video.positions.astype(jnp.float32)], axis=1))
 
     kv, stacked_kv = [], None
     if config.scan_layers:
@@ -279,6 +333,11 @@ class MMDiT(nnx.Module):
         block, x_text, c_text, x_video, c_video, angles, mask, remat=config.remat_policy)
       if collect_kv:
         kv.append(block_kv)
+    if len(self.single_blocks):
+      x, c = jnp.concatenate([x_text, x_video], 1), jnp.concatenate([c_text, c_video], 1)
+      for block in self.single_blocks:
+        x = call_single_block(block, x, c, angles, mask, remat=config.remat_policy)
+      x_video = x[:, lt:]
     context = ContextCache(kv=tuple(kv), segment_ids=segment_ids, causal_blocks=causal_blocks,
                            pooled_text=pooled, text_segment_ids=text_segment_ids,
                            stacked_kv=stacked_kv)
@@ -291,6 +350,27 @@ class MMDiT(nnx.Module):
         video.segment_ids, video.rope_positions, video.positions)
       out = overlap.overlap_add(out, neighbours, self.config.patch_size)
     return jnp.where(video.segment_ids[..., None] != 0, out, 0.0)
+
+
+def current_grid(positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """The current unit's token grid (rows, cols) at every token of a packed sample.
+
+  The current unit sits on the integer grid 0..h-1 x 0..w-1 and every history unit inside it
+  (`pfm.pyramid.tokens.grid_positions`), so the grid is one more than the largest position of
+  the sample.
+
+  Args:
+    positions: float [B, L, 2] (row, col); segment_ids: int [B, L] (0 = padding).
+
+  Returns:
+    float32 [B, L, 2]; meaningless at padding tokens.
+  """
+  num = segment_ids.shape[1] + 1
+
+  def row(pos, seg):
+    return jax.ops.segment_max(pos, seg, num_segments=num)[seg]
+
+  return jnp.floor(jax.vmap(row)(positions.astype(jnp.float32), segment_ids)) + 1.0
 
 
 def build_model(config: MMDiTConfig | str | Mapping[str, Any], rngs: nnx.Rngs) -> MMDiT:

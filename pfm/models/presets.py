@@ -72,6 +72,36 @@ class MMDiTConfig:
       layer gives its own p x p patch) or "overlap" (each token gives a 2p x 2p window, blended
       with its neighbours' by a tent, so the output has no seams on the patch grid;
       `pfm.models.overlap`; needs an even patch size).
+    single_blocks: single-stream blocks after the joint blocks (FLUX, Labs 2024; Pyramid Flow's
+      miniFLUX): text and video share one set of weights, attention and MLP run in parallel
+      from one modulated LayerNorm. 0 (SD3's MM-DiT) builds none; then the last joint block's
+      text stream is pre-only.
+    qk_norm_epsilon: epsilon of the RMS QK-normalisation (SD3's Pyramid Flow: 1e-5; FLUX: 1e-6).
+    position_embedding: how spatial positions enter: "sincos" (a 2-D sinusoidal embedding of the
+      token's exact, possibly fractional, position, added to the patch embedding), "table" (SD3:
+      a `position_table_size`^2 table of sinusoids centre-cropped to the current unit's grid and
+      bilinearly resampled for a lower-resolution history unit; Pyramid Flow's
+      `interp_condition_pos`), or "none" (positions enter only through a 3-axis RoPE).
+    position_table_size: side of the "table" grid (SD3's `pos_embed_max_size`).
+    position_table_base: grid side whose positions run 0, 1, 2, ... in the "table" (SD3's
+      `sample_size / patch_size`); the table's position step is base / size.
+    rope_axes: head features given to each RoPE axis: () rotates the whole head by the temporal
+      position alone; (d_t, d_row, d_col), summing to the head size, rotates d_t features by the
+      temporal position and the others by the (row, col) position (FLUX's 3-axis RoPE, Pyramid
+      Flow miniFLUX: (16, 24, 24)). Text tokens are at position 0 on every axis.
+    time_input: what the noise-level embedding reads: "data" embeds sinusoidal(t * time_scale)
+      (t = 1 is data); "noise" embeds sinusoidal((1 - t) * time_scale), the diffusers / Pyramid
+      Flow timestep that counts noise at 1000.
+    conditioning: "token": every token is conditioned on its own noise level (history and
+      current unit differ); "sample": every token of a packed sample, text and video, takes its
+      caption's conditioning (the current unit's noise level plus the pooled caption), as SD3
+      and Pyramid Flow's released models compute one embedding per sample.
+    text_causal_block: the causal block of caption tokens in the joint attention:
+      `masks.TEXT_CAUSAL_BLOCK` (-1: captions see only captions, every video token sees them) or
+      0 (Pyramid Flow's released models: captions and the oldest frame unit see each other).
+    text_projection_only: precomputed caption embeddings reach the model width through
+      `text_projection` alone (Pyramid Flow's `context_embedder`, one Linear); needs
+      text_width == width. False adds pfm's `context_embed` after it.
   """
 
   patch_size: int = 2
@@ -99,6 +129,16 @@ class MMDiTConfig:
   scan_layers: bool = False
   remat_policy: str = "none"
   output_head: str = "patch"
+  single_blocks: int = 0
+  qk_norm_epsilon: float = 1e-6
+  position_embedding: str = "sincos"
+  position_table_size: int = 192
+  position_table_base: int = 64
+  rope_axes: tuple[int, ...] = ()
+  time_input: str = "data"
+  conditioning: str = "token"
+  text_causal_block: int = -1
+  text_projection_only: bool = False
 
   @property
   def patch_dim(self) -> int:
@@ -116,6 +156,9 @@ class MMDiTConfig:
 
 
 OUTPUT_HEADS = ("patch", "overlap")
+POSITION_EMBEDDINGS = ("sincos", "table", "none")
+TIME_INPUTS = ("data", "noise")
+CONDITIONINGS = ("token", "sample")
 
 # Size presets. "2B" is the paper's model: SD3-Medium's MM-DiT, 24 layers, width 1536, 24 heads.
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -102,6 +102,14 @@ def call_block(block: JointBlock, x_text, c_text, x_video, c_video, angles, mask
   return fn(state, x_text, c_text, x_video, c_video, angles, mask)
 
 
+def call_single_block(block, x, c, angles, mask, *, remat: str):
+  """`block(x, c, angles, mask)` of a `blocks.SingleBlock`, rematerialised like `call_block`."""
+  if remat == "none":
+    return block(x, c, angles, mask)
+  graphdef, state = nnx.split(block)
+  return _block_fn(graphdef, remat, prevent_cse=True)(state, x, c, angles, mask)
+
+
 def scan_blocks(blocks, x_text, c_text, x_video, c_video, angles, mask, *, remat: str,
                  collect_kv: bool):
   """Runs stacked joint blocks in order with `jax.lax.scan` (see `JointBlock.__call__`).
