@@ -40,12 +40,20 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "array_record>=0.8",  # the feature cache's shards (pfm.extract), read by grain
+        "qwix>=0.1.8,<0.2",  # LoRA adapters on the MM-DiT (pfm.lora)
     ],
     extras_require={
         # pytest-xdist: the suite runs in one worker per core (up to 4), a test file per worker.
         "test": ["pytest>=8", "pytest-xdist>=3.5,<4",
                  # tests/test_notebooks.py runs the notebooks as a user would.
-                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                 # tests/test_app.py: the sampling page, driven in Debian's Chromium
+                 # (/usr/bin/chromium; Playwright's own browsers are not used).
+                 "gradio>=6.31,<7", "playwright>=1.65,<2"],
+        # python -m pfm.app: the sampling page.
+        "app": ["gradio>=6.31,<7"],
+        # pfm.convert of a released folder that holds only PyTorch .bin pickles.
+        "torch": ["torch"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
     },

@@ -60,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pyramid.spatial = True             # halve the resolution per coarser stage
   c.pyramid.frame_rate_schedule = ""   # temporal pyramid (full_sequence mode only): "2", "4-2"
   c.pyramid.partition = ""
+  # What the model is conditioned on through a stage: "noise_level" (the global time t) or
+  # "released" (Pyramid Flow's released models: a stage-unique range of timesteps per stage).
+  c.pyramid.timesteps = "noise_level"
   # In-block correlation of the corrective noise (Eq. 14); None = -1/(m - 1) for m-element
   # blocks (-1/3 for 2x2).
   c.pyramid.correlation = config_dict.placeholder(float)
@@ -94,6 +97,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Autoregressive mode: a unit attends to the caption, earlier units and itself (Sec. 3.3);
   # False: every unit of a sample attends to every other (bidirectional, Fig. 11's ablation).
   c.model.blockwise_causal = True
+  # pfm.models.MMDiTConfig fields over the variant's, e.g. a converted released model's sizes
+  # and options (pfm.convert writes them): width, depth, single_blocks, rope_axes, ...
+  c.model.architecture = ml_collections.ConfigDict()
 
   # Optimizer: AdamW as in the paper's Table 4, constant after warm-up, EMA for sampling.
   c.optimizer = ml_collections.ConfigDict()
@@ -115,6 +121,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.max_checkpoints = 2
   c.train.microbatches = 1        # gradient accumulation: the batch runs in this many pieces
   c.train.init_from = ""          # a pfm workdir whose EMA parameters start a new run (fine-tune)
+  # LoRA (pfm/lora.py, configs/finetune_lora.py): rank > 0 freezes init_from's weights and trains
+  # low-rank adapters W + (alpha / rank) A B on the targets: names of pfm.lora.TARGETS
+  # ("attention": q, k, v, out; "mlp"; "modulation") or module-path regexes.
+  c.train.lora = ml_collections.ConfigDict()
+  c.train.lora.rank = 0
+  c.train.lora.alpha = 8.0
+  c.train.lora.targets = ("attention", "mlp")
 
   # Device mesh (pfm/parallel.py): one size per axis, -1 = the devices left over. Batch rows are
   # split over data x fsdp, parameters and optimizer state over fsdp (and tensor), attention heads
@@ -130,6 +143,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Sampling (also the defaults of `python -m pfm.sample`).
   c.sample = ml_collections.ConfigDict()
   c.sample.num_frames = 16
+  # Euler steps through a stage: "uniform" in stage time, or "released" (Pyramid Flow's
+  # scheduler: N - 1 even steps to t' = 0.999, then a last step of 0.001).
+  c.sample.time_grid = "uniform"
+  c.sample.prompt_suffix = ""   # appended to every prompt (the released models': ", hyper ...")
+  c.sample.negative_prompt = ""  # the unconditional caption of guidance; "": the null caption
   c.sample.first_frame_steps = (20, 20, 20)  # Euler steps per stage, coarsest first
   c.sample.later_frame_steps = (10, 10, 10)
   c.sample.guidance_scale = 4.0              # classifier-free guidance for the first frame

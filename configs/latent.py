@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text.encoder = "byte"
   c.text.t5 = ""
   c.text.clip = ()
+  c.text.clip_projection = True  # the towers' projected pooled state (SD3); False: FLUX's pooled
   c.text.max_length = 128
   c.model.text_embed_dim = 0
   c.model.pooled_embed_dim = 0

@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text.encoder = "t5_clip"
   c.text.t5 = ""
   c.text.clip = ()
+  c.text.clip_projection = True  # the towers' projected pooled state (SD3); False: FLUX's pooled
   c.text.max_length = 128
 
   c.extract = ml_collections.ConfigDict()

@@ -5,6 +5,7 @@ r"""Speed measurements, each a ratio taken in one run on one machine.
   python -m pfm.benchmark --config=configs/default.py --benchmark=sample_cache
   python -m pfm.benchmark --config=configs/default.py --benchmark=alignment
   python -m pfm.benchmark --config=configs/default.py --benchmark=throughput
+  python -m pfm.benchmark --config=configs/finetune_lora.py --benchmark=lora
 
 ``pyramids``: on one model (the config's, randomly perturbed initial weights) and the config's clip
 size, the sampling time of each pyramid (temporal = TPDiff, spatial, spatiotemporal; 3 stages)
@@ -25,10 +26,15 @@ batches of 4, 8 and 16 of the config's clips and of TPDiff's AnimateDiff latents
 unless ``--config.model.variant`` is given) on real packed batches of the config's data: video
 tokens per second, model TFLOP/s (``pfm.throughput``), and MFU against a measured matmul rate
 (and against the datasheet peak on a known accelerator).
+``lora``: LoRA fine-tuning (``pfm.lora``) against full fine-tuning of the config's model on the
+same packed batches: trained parameters, checkpoint size on disk, XLA's memory analysis of the
+compiled train step and its median time, the two steps timed alternately in one run.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 
 import jax
@@ -39,6 +45,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from pfm import batch as batch_lib
+from pfm import checkpointing
 from pfm import errors
 from pfm import sample as sample_lib
 from pfm import spec as spec_lib
@@ -470,9 +477,93 @@ def sampling_memory(config, *, guidance: bool = True) -> dict:
   }
 
 
+def _folder_bytes(folder: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(folder)
+             for f in names)
+
+
+def lora(config, *, rank: int = 8, steps: int = 10, seed: int = 0) -> dict:
+  """LoRA against full fine-tuning of one model on the same packed batches, in one run.
+
+  Both runs are the config's (its model, optimizer, batches: ``pfm.data.pipeline``, ``seed``);
+  the full one trains every weight (``train.lora.rank = 0``), the LoRA one the adapters of
+  ``train.lora`` (its rank, or ``rank`` when the config's is 0) on frozen base weights: the
+  full run's randomly perturbed initial weights (speed does not depend on training). Each train
+  step (``pfm.train.make_train_step``) is compiled, run once, then the two are timed alternately
+  on ``steps`` batches (wall clock to ``block_until_ready``, median), so a machine shared with
+  other processes slows both alike. The checkpoint is the train state a run saves
+  (``pfm.checkpointing.Checkpointer``, the ``state`` item: parameters, AdamW moments, EMA),
+  written to a temporary folder; a LoRA checkpoint holds no base weights.
+
+  Returns:
+    for ``full`` and ``lora``: ``*_trained_params`` (millions), ``*_checkpoint_mib``,
+    ``*_compile_s``, ``*_step_s``, XLA's ``*_argument_mib`` (state, batch and base weights) and
+    ``*_temp_mib`` (activations and scratch); ``base_params`` (millions, frozen by LoRA),
+    ``rank``, ``lora_param_fraction``, ``checkpoint_ratio`` (full / LoRA) and ``step_speedup``
+    (full step time / LoRA step time).
+  """
+  config = config.copy_and_resolve_references()
+  if config.train.lora.rank == 0:
+    config.train.lora.rank = rank
+  # The base weights are random here: init_from is not read, only required by validation.
+  config.train.init_from = config.train.init_from or "(benchmark: random base weights)"
+  lora_spec = validation.validate(config)
+  full_config = config.copy_and_resolve_references()
+  full_config.train.lora.rank = 0
+  full_config.train.init_from = ""
+  full_spec = validation.validate(full_config)
+  data_iter = iter(pipeline.create_dataset(full_spec, seed=seed))
+  batches = [next(data_iter) for _ in range(max(steps, 1) + 1)]
+
+  full_graphdef, full_state = state_lib.init_state(full_spec)
+  rng = np.random.default_rng(seed)
+  base = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype),
+                      full_state["params"])
+  # The full step donates its state: it trains copies of the base weights.
+  full_state = dict(full_state, params=jax.tree.map(jnp.copy, base),
+                    ema_params=jax.tree.map(jnp.copy, base))
+  lora_graphdef, lora_state = state_lib.init_state(lora_spec)
+  runs = {"full": (full_spec, full_graphdef, full_state, ()),
+          "lora": (lora_spec, lora_graphdef, lora_state, (base,))}
+  result = {"rank": str(lora_spec.lora.rank),
+            "base_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base)) / 1e6}
+  step_fns, states = {}, {}
+  for name, (spec, graphdef, state, frozen) in runs.items():
+    result[f"{name}_trained_params"] = sum(
+        int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"])) / 1e6
+    with tempfile.TemporaryDirectory() as folder:
+      checkpointer = checkpointing.Checkpointer(folder, async_save=False)
+      checkpointer.save(0, state, force=True)
+      checkpointer.close()
+      result[f"{name}_checkpoint_mib"] = _folder_bytes(os.path.join(folder, "0", "state")) / 2**20
+    start = time.perf_counter()
+    compiled = train.make_train_step(spec, graphdef).lower(state, batches[0], *frozen).compile()
+    result[f"{name}_compile_s"] = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    result[f"{name}_argument_mib"] = memory.argument_size_in_bytes / 2**20
+    result[f"{name}_temp_mib"] = memory.temp_size_in_bytes / 2**20
+    state, metrics = compiled(state, batches[0], *frozen)  # warm-up
+    jax.block_until_ready(metrics)
+    step_fns[name], states[name] = compiled, state
+  times = {name: [] for name in runs}
+  for batch in batches[1:]:
+    for name, (_, _, _, frozen) in runs.items():
+      start = time.perf_counter()
+      states[name], metrics = step_fns[name](states[name], batch, *frozen)
+      jax.block_until_ready(metrics)
+      times[name].append(time.perf_counter() - start)
+  for name in runs:
+    result[f"{name}_step_s"] = float(np.median(times[name]))
+  return result | {
+      "lora_param_fraction": result["lora_trained_params"] / result["full_trained_params"],
+      "checkpoint_ratio": result["full_checkpoint_mib"] / result["lora_checkpoint_mib"],
+      "step_speedup": result["full_step_s"] / result["lora_step_s"],
+  }
+
+
 BENCHMARKS = {"pyramids": pyramids, "stage_profile": stage_profile,
               "sample_cache": sample_cache, "alignment": alignment,
-              "throughput": throughput, "sampling_memory": sampling_memory}
+              "throughput": throughput, "sampling_memory": sampling_memory, "lora": lora}
 
 
 def _format(value) -> str:

@@ -26,17 +26,28 @@ workdir ``OUTPUT/vae`` (with the family's latent normalisation), which ``pfm.ext
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import os
 import re
+import shutil
 from typing import Any
 
 from absl import app, flags
+import jax
 import numpy as np
 from flax import nnx
+from flax import traverse_util
 
+from configs import released
+from pfm import checkpointing
 from pfm import errors
 from pfm import latent
+from pfm import models
+from pfm import spec as spec_lib
+from pfm import state as state_lib
+from pfm.models import stacking
 from pfm.models import text_encoders as te
 from pfm.models import vae as vae_lib
 
@@ -399,7 +410,6 @@ def load_official_dit(folder: str, **overrides):
     CheckpointLayoutError: see `dit_parameters` / `assign_parameters`. ValueError: see
       `dit_config_from_official`.
   """
-  from pfm import models  # the model package is heavy; only the DiT path needs it
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{folder}: no config.json (a released diffusion_transformer_* "
@@ -413,9 +423,201 @@ def load_official_dit(folder: str, **overrides):
   return model, config
 
 
+# -- a released folder -> a pfm workdir -----------------------------------------------------------
+# The released folders' text encoders: (T5 folder, tokenizer), then the CLIP towers'.
+TEXT_FOLDERS = {
+    "pyramid_mmdit": (("text_encoder_3", "tokenizer_3"),
+                      (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))),
+    "pyramid_flux": (("text_encoder_2", "tokenizer_2"), (("text_encoder", "tokenizer"),)),
+}
+
+
+def read_weights(folder: str) -> dict[str, np.ndarray]:
+  """Every tensor of a folder's ``*.safetensors`` files or, failing those, of its PyTorch
+  ``*.bin`` pickles (read through PyTorch, an optional extra: ``pip install torch``).
+
+  Raises:
+    FileNotFoundError: if the folder has neither.
+    pfm.errors.UserError: if only ``.bin`` files are there and PyTorch is not installed.
+  """
+  if glob.glob(os.path.join(folder, "*.safetensors")):
+    return te.read_safetensors(folder)
+  pickles = sorted(glob.glob(os.path.join(folder, "*.bin")))
+  if not pickles:
+    raise FileNotFoundError(f"{folder}: no .safetensors or .bin weights")
+  try:
+    import torch
+  except ImportError:
+    raise errors.UserError(f"{folder} holds only PyTorch .bin files: install PyTorch to read "
+                           "them (pip install torch), or save them as safetensors") from None
+  tensors = {}
+  for path in pickles:
+    for name, value in torch.load(path, map_location="cpu", weights_only=True).items():
+      tensors[name] = value.float().numpy()
+  return tensors
+
+
+def _text_encoder_folder(source: str, model: str, tokenizer: str, output: str) -> str:
+  """A pfm text-encoder folder ``output``: the released ``model`` folder's config and weights
+  (linked, or written as safetensors from ``.bin``) and its ``tokenizer`` folder's
+  ``tokenizer.json``.
+
+  Raises:
+    pfm.errors.UserError: naming a missing folder or tokenizer.json.
+  """
+  model_dir, tokenizer_dir = os.path.join(source, model), os.path.join(source, tokenizer)
+  for folder in (model_dir, tokenizer_dir):
+    if not os.path.isdir(folder):
+      raise errors.UserError(f"--source={source}: no {os.path.basename(folder)}/ (the released "
+                             "folder's text encoders are expected)")
+  tokenizer_json = next((p for p in (os.path.join(tokenizer_dir, "tokenizer.json"),
+                                     os.path.join(model_dir, "tokenizer.json"))
+                         if os.path.exists(p)), None)
+  if tokenizer_json is None:
+    raise errors.UserError(
+        f"{tokenizer_dir}: no tokenizer.json; write it once with a fast Hugging Face tokenizer: "
+        f"python -c \"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained("
+        f"'{tokenizer_dir}').save_pretrained('{tokenizer_dir}')\"")
+  os.makedirs(output, exist_ok=True)
+  shutil.copy(tokenizer_json, os.path.join(output, "tokenizer.json"))
+  shutil.copy(os.path.join(model_dir, "config.json"), os.path.join(output, "config.json"))
+  weights = glob.glob(os.path.join(model_dir, "*.safetensors"))
+  if weights:
+    for path in weights:
+      link = os.path.join(output, os.path.basename(path))
+      if not os.path.lexists(link):
+        os.symlink(os.path.abspath(path), link)
+  else:
+    from safetensors.numpy import save_file
+    save_file(read_weights(model_dir), os.path.join(output, "model.safetensors"))
+  return output
+
+
+def released_config(source: str, output: str, variant: str, overrides: dict | None = None):
+  """The pfm run config of the released ``variant`` of ``source`` (``configs/released.py``
+  with the folder's DiT sizes and the converted VAE and text encoders under ``output``), and the
+  DiT's `MMDiTConfig` fields.
+
+  Raises:
+    pfm.errors.UserError: for a folder without ``diffusion_transformer_<variant>``.
+  """
+  dit_folder = os.path.join(source, f"diffusion_transformer_{variant}")
+  if not os.path.exists(os.path.join(dit_folder, "config.json")):
+    present = sorted(d[len("diffusion_transformer_"):] for d in os.listdir(source)
+                     if d.startswith("diffusion_transformer_")) if os.path.isdir(source) else []
+    raise errors.UserError(f"--source={source} has no diffusion_transformer_{variant}/ "
+                           f"(--variant: one of {present or 'none found'})")
+  with open(os.path.join(dit_folder, "config.json")) as f:
+    official = json.load(f)
+  fields = dit_config_from_official(official)
+  family = DIT_CLASSES[official["_class_name"]]
+  c = released.get_config(f"{family},{variant}")
+  c.data.features = os.path.join(output, "features")  # where pfm.extract writes, to fine-tune
+  c.latent.vae = os.path.join(output, "vae")
+  c.latent.channels = fields["channels"]
+  c.text.t5 = os.path.join(output, "text", "t5")
+  c.text.clip = tuple(os.path.join(output, "text", f"clip_{i}")
+                      for i in range(len(TEXT_FOLDERS[family][1])))
+  c.text.max_length = 128
+  c.model.patch_size = fields["patch_size"]
+  c.model.text_embed_dim = fields["text_embed_dim"]
+  c.model.pooled_embed_dim = fields["pooled_embed_dim"]
+  c.model.architecture = released.architecture(fields)
+  for key, value in (overrides or {}).items():
+    node = c
+    *sections, leaf = key.split(".")
+    for section in sections:
+      node = node[section]
+    node[leaf] = value
+  return c, fields, family
+
+
+def convert_released(source: str, output: str, variant: str = "384p", *,
+                     overrides: dict | None = None) -> str:
+  """Converts a released Pyramid Flow folder into the pfm workdir ``output``: its
+  ``config.json`` (``released_config``), the DiT's parameters as the EMA parameters of an orbax
+  checkpoint at step 0 (``checkpoints/``), the VAE workdir ``vae/`` and the text-encoder folders
+  ``text/``. ``pfm.sample --workdir=output`` samples from it, and ``pfm.train`` fine-tunes it
+  with ``--config.train.init_from=output``.
+
+  Args:
+    source: the released folder (``diffusion_transformer_<variant>/``, ``causal_video_vae/``,
+      ``text_encoder*/``, ``tokenizer*/``).
+    output: the workdir to write.
+    variant: ``384p``, ``768p`` or ``image`` (miniFLUX).
+    overrides: ``{"section.field": value}`` over the config (e.g. a smaller size in tests).
+
+  Raises:
+    pfm.errors.UserError: for a missing folder or tokenizer, or an existing checkpoint in
+      ``output``.
+    CheckpointLayoutError: for a tensor without a parameter or a parameter without a tensor.
+  """
+  config, fields, family = released_config(source, output, variant, overrides)
+  checkpoints = os.path.join(output, "checkpoints")
+  if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    raise errors.UserError(f"--output={output} already has checkpoints: choose a new folder")
+  spec = spec_lib.resolve(config)
+  graphdef, abstract = state_lib.abstract_state(spec)
+  mapped = dit_parameters(read_weights(os.path.join(source, f"diffusion_transformer_{variant}")),
+                          fields)
+  # Checked against the unstacked model, where every tensor has its own parameter.
+  unstacked = dataclasses.replace(spec.model, scan_layers=False)
+  flat = dict(nnx.to_flat_state(nnx.state(
+      nnx.eval_shape(lambda: models.MMDiT(unstacked, rngs=nnx.Rngs(0))), nnx.Param)))
+  for path, (name, value) in mapped.items():
+    if path not in flat:
+      raise CheckpointLayoutError(f"tensor {name!r} maps to {'/'.join(map(str, path))}, which "
+                                  "the pfm model does not have")
+    if value.shape != flat[path].shape:
+      raise CheckpointLayoutError(f"tensor {name!r} has shape {value.shape} after conversion; "
+                                  f"{'/'.join(map(str, path))} has {flat[path].shape}")
+  missing = [p for p in flat if p not in mapped]
+  if missing:
+    raise CheckpointLayoutError(f"missing tensor for {'/'.join(map(str, missing[0]))} "
+                                f"({len(missing)} parameters unfilled)")
+  values = {path: value for path, (_, value) in mapped.items()}
+  if spec.model.scan_layers:  # blocks 0..depth-2 (and the single-stream blocks) stacked
+    values = traverse_util.flatten_dict(
+        jax.tree.map(np.asarray, stacking.stack_layers(traverse_util.unflatten_dict(values))))
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: np.asarray(values[_state_path(path)], leaf.dtype), abstract["ema_params"])
+  del values, mapped
+
+  t5, clips = TEXT_FOLDERS[family]
+  _text_encoder_folder(source, *t5, config.text.t5)
+  for (model, tokenizer), folder in zip(clips, config.text.clip):
+    _text_encoder_folder(source, model, tokenizer, folder)
+  convert_vae(source, config.latent.vae, family)
+  os.makedirs(output, exist_ok=True)
+  with open(os.path.join(output, "config.json"), "w") as f:
+    f.write(config.to_json(indent=2))
+  checkpointer = checkpointing.Checkpointer(checkpoints)
+  try:
+    checkpointer.save(0, {"ema_params": params}, force=True)
+  finally:
+    checkpointer.close()
+  return output
+
+
+def _state_path(path) -> tuple[str | int, ...]:
+  """A `jax.tree_util` key path of an nnx.State leaf -> its `nnx.to_flat_state` path."""
+  keys = []
+  for k in path:
+    key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+    if key == "value":  # the Variable's own field
+      continue
+    keys.append(key)
+  return tuple(keys)
+
+
 def main(argv):
   del argv
   errors.quiet_library_tracebacks()
+  if FLAGS.variant:
+    output = convert_released(FLAGS.source, FLAGS.output, FLAGS.variant)
+    print(f"{output}: the released {FLAGS.variant} model, for pfm.sample --workdir={output} "
+          f"and pfm.train --config.train.init_from={output}")
+    return
   output = convert_vae(FLAGS.source, os.path.join(FLAGS.output, "vae"), FLAGS.family)
   print(f"{output}: the released VAE, for --config.latent.vae={output}")
 
@@ -423,7 +625,9 @@ def main(argv):
 if __name__ == "__main__":
   flags.DEFINE_string("source", None, "The released model folder (holding causal_video_vae/).")
   flags.DEFINE_string("output", None, "The folder to write (OUTPUT/vae: a pfm VAE workdir).")
-  flags.DEFINE_enum("family", "pyramid_mmdit", sorted(FAMILIES), "The released DiT family "
-                    "the VAE's latents are normalised for.")
+  flags.DEFINE_string("variant", None, "The DiT to convert: 384p, 768p or image (the folder's "
+                      "diffusion_transformer_<variant>/); without it only the VAE is converted.")
+  flags.DEFINE_enum("family", "pyramid_mmdit", sorted(FAMILIES), "Without --variant: the "
+                    "released DiT family the VAE's latents are normalised for.")
   flags.mark_flags_as_required(["source", "output"])
   app.run(errors.exit_on_user_error(main, "pfm.convert"))

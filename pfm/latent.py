@@ -15,14 +15,26 @@ from flax import nnx
 
 from pfm import checkpointing
 from pfm import errors
+from pfm import parallel
 from pfm.models import text_encoders as te
 from pfm.models import vae as vae_lib
 
 VAE_FILE = "vae.json"  # a pfm.train_vae workdir: the VAEConfig's fields, beside checkpoints/
 
 
-def load_vae(workdir: str, step: int | None = None) -> vae_lib.CausalVideoVAE:
+def load_vae(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None,
+             rules=None) -> vae_lib.CausalVideoVAE:
   """The trained VAE of a `pfm.train_vae` workdir (its newest intact checkpoint, or ``step``).
+
+  Args:
+    workdir: a `pfm.train_vae` (or `pfm.convert`) VAE workdir.
+    step: the checkpoint step; default the newest intact one.
+    mesh: restore the parameters straight into the shardings ``rules`` give their logical axis
+      names on this mesh (the sampler's: conv kernels split their input channels as ``embed``
+      and their output channels as ``mlp``; unnamed parameters are replicated), for a network
+      that runs on the mesh's global arrays. None: replicated on this process's devices, each
+      process running the frozen network on its own data without collectives (``pfm.extract``).
+    rules: the logical-axis rules for ``mesh`` (default `pfm.parallel.DEFAULT_RULES`).
 
   Raises:
     pfm.errors.NotAWorkdirError: if ``workdir`` has no ``vae.json``.
@@ -36,6 +48,12 @@ def load_vae(workdir: str, step: int | None = None) -> vae_lib.CausalVideoVAE:
                                 for k, v in fields.items()})
   model = nnx.eval_shape(lambda: vae_lib.CausalVideoVAE(config, rngs=nnx.Rngs(0)))
   graphdef, abstract = nnx.split(model, nnx.Param)
+  if mesh is not None:
+    shardings = parallel.named_shardings(abstract, mesh, rules or parallel.DEFAULT_RULES)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_divisible(s, x.shape)),
+        abstract, shardings)
+    return nnx.merge(graphdef, _restore_vae(workdir, abstract, step))
   # Restored replicated over every process's devices (so the checkpoint's checksums, summed over
   # processes, hold), then kept on this process's devices: each process runs the frozen network
   # on its own data, without collectives.
@@ -43,16 +61,32 @@ def load_vae(workdir: str, step: int | None = None) -> vae_lib.CausalVideoVAE:
                                           jax.sharding.PartitionSpec())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
                           abstract)
+  params = _restore_vae(workdir, abstract, step)
+  here = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.local_devices()), ("d",)),
+                                    jax.sharding.PartitionSpec())
+  params = jax.tree.map(lambda x: jax.device_put(np.asarray(x.addressable_data(0)), here), params)
+  return nnx.merge(graphdef, params)
+
+
+def _divisible(sharding: jax.sharding.NamedSharding, shape) -> jax.sharding.NamedSharding:
+  """``sharding`` with the dimensions its mesh axes do not divide evenly left whole (the RGB
+  input channels of the first conv, a 16-channel latent over 32 devices)."""
+  spec = []
+  for size, entry in zip(shape, tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))):
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    split = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+    spec.append(entry if size % split == 0 else None)
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _restore_vae(workdir: str, abstract, step: int | None):
+  """The ``vae`` parameters of a VAE workdir's checkpoint, into ``abstract``'s shardings."""
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     state, _ = checkpointer.restore({"vae": abstract}, step=step, partial=True)
   finally:
     checkpointer.close(check=False)
-  here = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.local_devices()), ("d",)),
-                                    jax.sharding.PartitionSpec())
-  params = jax.tree.map(lambda x: jax.device_put(np.asarray(x.addressable_data(0)), here),
-                        state["vae"])
-  return nnx.merge(graphdef, params)
+  return state["vae"]
 
 
 def save_vae(workdir: str, model: vae_lib.CausalVideoVAE, step: int = 0) -> None:
@@ -90,17 +124,25 @@ class CaptionEncoder:
       ``model.pooled_embed_dim``.
   """
 
-  def __init__(self, t5_folder: str, clip_folders: tuple[str, ...], max_length: int):
+  def __init__(self, t5_folder: str, clip_folders: tuple[str, ...], max_length: int, *,
+               clip_projection: bool = True):
     self.max_length = max_length
     self.t5 = te.T5Encoder.from_pretrained(t5_folder)
     self.t5_tokenizer = te.load_tokenizer(t5_folder)
     self.t5_pad = self.t5_tokenizer.token_to_id("<pad>") or 0
     self.clips = [(te.CLIPTextEncoder.from_pretrained(f), te.load_tokenizer(f))
                   for f in clip_folders]
+    if not clip_projection:  # FLUX reads CLIPTextModel's pooled state, not its projection
+      for model, _ in self.clips:
+        model.text_projection = None
     self._t5_fn = nnx.jit(lambda m, ids, mask: m(ids, mask))
-    self._clip_fn = nnx.jit(lambda m, ids: m(ids).text_embeds)
+    # The projected pooled state (CLIPTextModelWithProjection, SD3), or the pooled state itself
+    # for a tower without projection (CLIPTextModel's pooler_output, FLUX).
+    self._clip_fn = nnx.jit(lambda m, ids: (lambda out: out.pooled if out.text_embeds is None
+                                            else out.text_embeds)(m(ids)))
     self.embed_dim = self.t5.config.d_model
-    self.pooled_dim = sum(m.config.projection_dim for m, _ in self.clips)
+    self.pooled_dim = sum(m.config.hidden_size if m.text_projection is None
+                          else m.config.projection_dim for m, _ in self.clips)
 
   @classmethod
   def from_config(cls, config) -> CaptionEncoder:
@@ -112,7 +154,7 @@ class CaptionEncoder:
       raise errors.ConfigError("config.text.encoder='t5_clip' needs config.text.clip (the CLIP "
                                "text tower folders, comma-separated)")
     encoder = cls(config.text.t5, clips if config.text.encoder == "t5_clip" else (),
-                  config.text.max_length)
+                  config.text.max_length, clip_projection=bool(config.text.clip_projection))
     for field, want, have in (("model.text_embed_dim", config.model.text_embed_dim,
                                encoder.embed_dim),
                               ("model.pooled_embed_dim", config.model.pooled_embed_dim,

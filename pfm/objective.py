@@ -34,6 +34,9 @@ BOS_TOKEN = 1  # every caption starts with it; a dropped caption keeps only it (
 class ObjectiveConfig:
   """Static settings of the objective (hashable, so it can be closed over by jit)."""
   windows: tuple[tuple[float, float], ...]  # (s_k, e_k) for k = 0..K-1
+  # (c_k, d_k): the model's conditioning time per stage (`stages.Pyramid.timestep_windows`);
+  # None: the noise level.
+  timestep_windows: tuple[tuple[float, float], ...] | None = None
   time_distribution: str = "uniform"
   history_noise_max: float = 1.0 / 3.0
   caption_dropout: float = 0.1
@@ -106,7 +109,12 @@ def corrupt_packed_batch(key, batch: batch_lib.PackedBatch, config: ObjectiveCon
   # x_t and target: Eqs. (6)/(11) (flow matching) or TPDiff Eqs. (10)/(11) (DDIM).
   x_t = paths.stage_point(x_start, x_end, t_local[..., None], s, e, noise_schedule)
   target = paths.stage_target(x_start, x_end, s, e, noise_schedule)
-  t = paths.global_time(t_local, s[..., 0], e[..., 0])
+  if config.timestep_windows is None:
+    t = paths.global_time(t_local, s[..., 0], e[..., 0])
+  else:  # the model's own time per stage (Pyramid Flow's released models)
+    model_window = jnp.asarray(config.timestep_windows, jnp.float32)[
+        jnp.clip(batch.stage, 0, windows.shape[0] - 1)]
+    t = paths.global_time(t_local, model_window[..., 0], model_window[..., 1])
   x_hist = (noise_schedule.signal(hist_t)[..., None] * clean_end
             + noise_schedule.noise(hist_t)[..., None] * noise)                        # Eq. (16)
 

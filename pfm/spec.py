@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from pfm import errors
+from pfm import lora as lora_lib
 from pfm import models
 from pfm import objective
 from pfm.pyramid import diffusions, stages
@@ -46,7 +47,14 @@ OPTIONAL_FIELDS: dict[str, Any] = {
     "pyramid.coupled_noise": True,
     "pyramid.compress_history": True,
     "model.blockwise_causal": True,
+    "model.architecture": {},         # MMDiTConfig fields over the variant's (pfm.convert)
+    "pyramid.timesteps": "noise_level",  # or "released": the model's stage-unique time ranges
     "sample.renoise": True,
+    "sample.time_grid": "uniform",    # or "released": N - 1 even steps, then one of 0.001
+    "sample.prompt_suffix": "",
+    "text.clip_projection": True,
+    "text.null_caption": "zeros",     # frozen encoders' null caption; "encoded": of "" (released)
+    "sample.negative_prompt": "",     # the unconditional caption of guidance; "": the null one     # the CLIP towers' projected pooled state (SD3); False: FLUX
     "pyramid.stage_consistent_rope": True,
     "pyramid.stage_weights": (),      # checked against num_stages in pfm.validation
     "model.text_time_conditioning": True,
@@ -56,6 +64,9 @@ OPTIONAL_FIELDS: dict[str, Any] = {
     "model.output_head": "patch",
     "train.microbatches": 1,
     "train.init_from": "",            # a pfm workdir whose EMA parameters start this run
+    "train.lora.rank": 0,             # LoRA adapters' rank; 0: train every weight
+    "train.lora.alpha": 8.0,          # their scale is alpha / rank
+    "train.lora.targets": ("attention", "mlp"),  # pfm.lora.TARGETS names or module-path regexes
     "sample.steps_per_stage": (),     # full sequence; (): sample.total_steps split by partition
     "sample.total_steps": 30,
     # Latent space (configs/latent.py): "" trains on pixels; a pfm.extract folder trains on its
@@ -105,6 +116,8 @@ class RunSpec:
     steps_per_stage: full-sequence sampling steps of each stage, coarsest first.
     first_frame_steps: autoregressive Euler steps per stage for the first frame unit.
     later_frame_steps: autoregressive Euler steps per stage for later units.
+    lora: the LoRA adapters a run trains on the frozen weights of ``train.init_from``
+      (``train.lora.rank > 0``), or None: every weight is trained.
   """
 
   config: ml_collections.FrozenConfigDict
@@ -115,6 +128,7 @@ class RunSpec:
   steps_per_stage: tuple[int, ...]
   first_frame_steps: tuple[int, ...]
   later_frame_steps: tuple[int, ...]
+  lora: lora_lib.LoraConfig | None = None
 
   @property
   def num_stages(self) -> int:
@@ -150,8 +164,9 @@ def resolve(config: ml_collections.ConfigDict | RunSpec) -> RunSpec:
   Raises:
     pfm.errors.ConfigError: naming the field, for a non-finite number (or one beyond float32,
       such as a learning rate of 1e39), a size that is not a whole number >= 1, stage weights
-      that are not numbers, an unknown mode, diffusion or model variant, or pyramid settings
-      (spatial / frame_rate_schedule / partition / correlation) that make no valid stage windows.
+      that are not numbers, an unknown mode, diffusion or model variant, pyramid settings
+      (spatial / frame_rate_schedule / partition / correlation) that make no valid stage windows,
+      or LoRA settings that cannot be used (`_lora_config`).
   """
   if isinstance(config, RunSpec):
     return config
@@ -168,7 +183,7 @@ def resolve(config: ml_collections.ConfigDict | RunSpec) -> RunSpec:
     pyramid = stages.make_pyramid(
         p.num_stages, spatial=p.spatial, frame_rate_schedule=p.frame_rate_schedule,
         partition=p.partition, correlation=None if p.correlation is None else float(p.correlation),
-        diffusion=p.diffusion)
+        diffusion=p.diffusion, timesteps=p.timesteps)
   except ValueError as e:
     raise errors.ConfigError(
         f"config.pyramid (spatial / frame_rate_schedule / partition / correlation): {e}; the "
@@ -181,9 +196,14 @@ def resolve(config: ml_collections.ConfigDict | RunSpec) -> RunSpec:
       m.variant, patch_size=m.patch_size, attention_backend=m.attention, dtype=m.dtype,
       param_dtype=m.param_dtype, text_time_conditioning=m.text_time_conditioning,
       scan_layers=m.scan_layers, remat_policy=m.remat_policy, output_head=m.output_head,
-      **_feature_fields(c))
+      **_feature_fields(c), **_architecture_fields(m))
+  try:
+    model.validate_options()
+  except ValueError as e:
+    raise errors.ConfigError(f"config.model.architecture: {e}") from None
   obj = objective.ObjectiveConfig(
-      windows=pyramid.windows, time_distribution=p.time_distribution,
+      windows=pyramid.windows, timestep_windows=pyramid.timestep_windows,
+      time_distribution=p.time_distribution,
       history_noise_max=float(p.history_noise_max), caption_dropout=float(m.caption_dropout),
       prediction=m.prediction, patch_size=int(m.patch_size), diffusion=pyramid.diffusion,
       spatial_jump=pyramid.spatial_factors[1] if pyramid.num_stages > 1 else 1,
@@ -195,7 +215,60 @@ def resolve(config: ml_collections.ConfigDict | RunSpec) -> RunSpec:
       config=ml_collections.FrozenConfigDict(config), mode=c.mode, pyramid=pyramid, model=model,
       objective=obj, steps_per_stage=steps,
       first_frame_steps=tuple(int(n) for n in s.first_frame_steps),
-      later_frame_steps=tuple(int(n) for n in s.later_frame_steps))
+      later_frame_steps=tuple(int(n) for n in s.later_frame_steps), lora=_lora_config(c))
+
+
+def _lora_config(c: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
+  """``config.train.lora`` resolved: None for rank 0, else the adapters' `pfm.lora.LoraConfig`.
+
+  Raises:
+    pfm.errors.ConfigError: naming the field, for a rank that is not a whole number >= 0, an
+      alpha that is not > 0, LoRA without ``train.init_from`` (the weights it adapts), or targets
+      that are neither `pfm.lora.TARGETS` names nor valid regexes.
+  """
+  lora = c.train.lora
+  rank, alpha = lora.rank, lora.alpha
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
+    raise errors.ConfigError(f"config.train.lora.rank={rank!r}: need a whole number >= 0 (0: no "
+                             "LoRA, every weight is trained)")
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) or not alpha > 0:
+    raise errors.ConfigError(f"config.train.lora.alpha={alpha!r}: need a number > 0 (the "
+                             "adapters' output is scaled by alpha / rank)")
+  if rank == 0:
+    return None
+  if not c.train.init_from:
+    raise errors.ConfigError(
+        f"config.train.lora.rank={rank} adapts the weights of another run: set "
+        "config.train.init_from to its workdir")
+  try:
+    path = lora_lib.module_path(lora.targets)
+  except ValueError as e:
+    raise errors.ConfigError(f"config.train.lora.targets={lora.targets!r}: {e}") from None
+  return lora_lib.LoraConfig(rank=int(rank), alpha=float(alpha), module_path=path)
+
+
+_ARCHITECTURE_FIELDS = frozenset(f.name for f in dataclasses.fields(models.MMDiTConfig)) - {
+    "patch_size", "attention_backend", "dtype", "param_dtype", "text_time_conditioning",
+    "scan_layers", "remat_policy", "output_head",  # those have their own config.model fields
+    "channels", "text_embed_dim", "pooled_embed_dim", "text_depth"}  # from latent / text
+
+
+def _architecture_fields(m: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``config.model.architecture``: `MMDiTConfig` fields over the variant's (a converted
+  released model's sizes and options, ``pfm.convert``).
+
+  Raises:
+    pfm.errors.ConfigError: naming an entry that is not an `MMDiTConfig` field (or one with its
+      own ``config.model`` field).
+  """
+  fields = {}
+  for key, value in m.architecture.items():
+    if key not in _ARCHITECTURE_FIELDS:
+      raise errors.ConfigError(
+          f"config.model.architecture.{key} is not a field of pfm.models.MMDiTConfig (or it has "
+          f"its own config.model field); known: {sorted(_ARCHITECTURE_FIELDS)}")
+    fields[key] = tuple(value) if isinstance(value, list) else value
+  return fields
 
 
 def _feature_fields(c: ml_collections.ConfigDict) -> dict[str, Any]:

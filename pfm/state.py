@@ -2,18 +2,37 @@
 
 Shared by training (``pfm.train``), sampling (``pfm.sample``, which restores the EMA parameters
 into `abstract_state`) and the benchmarks, so none of them imports another's loop.
+
+A LoRA run (``spec.lora``, `pfm.lora`) trains adapters only: its state's parameters, optimizer
+state and EMA are the adapters', and its frozen base weights, the EMA parameters of a checkpoint
+of ``config.train.init_from``, are read apart (`read_lora_base`) and never checkpointed; each
+checkpoint records which source checkpoint they came from (``LORA_BASE_STEP`` in its ``extra``).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+
+from absl import logging
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
+from etils import epath
 from flax import nnx
 
+from pfm import checkpointing
+from pfm import errors
+from pfm import lora as lora_lib
 from pfm import models
 from pfm import parallel
 from pfm import spec as spec_lib
+
+# A LoRA checkpoint's ``extra`` entry: the step of the ``train.init_from`` checkpoint whose EMA
+# parameters are the base weights its adapters were trained on.
+LORA_BASE_STEP = "lora_base_step"
 
 
 def learning_rate_schedule(spec: spec_lib.RunSpec) -> optax.Schedule:
@@ -39,16 +58,34 @@ def build_model(spec: spec_lib.RunSpec, seed: int = 0) -> models.MMDiT:
   return models.build_model(spec.model, rngs=nnx.Rngs(seed))
 
 
+def _trained_model(spec: spec_lib.RunSpec):
+  """The MM-DiT, with LoRA adapters (`pfm.lora.add_adapters`) for a LoRA run."""
+  model = build_model(spec, spec.config.seed)
+  if spec.lora is None:
+    return model
+  return lora_lib.add_adapters(model, spec.lora, spec.config.seed)
+
+
+def _split_trained(spec: spec_lib.RunSpec, model):
+  """``(graphdef, trained parameters)``: every ``nnx.Param``, or a LoRA run's adapters (its base
+  weights, random here, are dropped: they come from `read_lora_base`)."""
+  if spec.lora is None:
+    return nnx.split(model, nnx.Param)
+  graphdef, adapters, _ = lora_lib.split(model)
+  return graphdef, adapters
+
+
 def init_state(spec: spec_lib.RunSpec):
   """Builds the model and the train state pytree (seed ``config.seed``).
 
   Returns:
     ``(graphdef, state)``; ``state`` is a dict with ``step`` (int32), ``params`` and
-    ``ema_params`` (``nnx.State``), ``opt_state`` and ``rng`` (uint32 [2], the base key).
+    ``ema_params`` (``nnx.State``), ``opt_state`` and ``rng`` (uint32 [2], the base key). For a
+    LoRA run ``params``, ``ema_params`` and ``opt_state`` are the adapters' (``nnx.LoRAParam``)
+    and the model is ``nnx.merge(graphdef, params, base)`` with the base of `read_lora_base`.
   """
   seed = spec.config.seed
-  model = build_model(spec, seed)
-  graphdef, params = nnx.split(model, nnx.Param)
+  graphdef, params = _split_trained(spec, _trained_model(spec))
   tx = create_optimizer(spec)
   state = dict(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
@@ -58,8 +95,8 @@ def init_state(spec: spec_lib.RunSpec):
 
 def abstract_state(spec: spec_lib.RunSpec):
   """``(graphdef, state)`` with ``jax.ShapeDtypeStruct`` leaves: shapes only, nothing allocated."""
-  model = nnx.eval_shape(lambda: build_model(spec, spec.config.seed))
-  graphdef, params = nnx.split(model, nnx.Param)
+  model = nnx.eval_shape(lambda: _trained_model(spec))
+  graphdef, params = _split_trained(spec, model)
   tx = create_optimizer(spec)
   state = dict(
       step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
@@ -89,3 +126,119 @@ def sharded_abstract_state(abstract, shardings):
   """``jax.ShapeDtypeStruct`` leaves carrying their target shardings (for a sharded restore)."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
+
+
+def abstract_base(spec: spec_lib.RunSpec):
+  """``(graphdef, params)`` of the MM-DiT without adapters, shapes only: a LoRA run's frozen base
+  weights, and the model its merged weights sample with (the whole model of any other run)."""
+  model = nnx.eval_shape(lambda: build_model(spec, spec.config.seed))
+  return nnx.split(model, nnx.Param)
+
+
+def read_ema_params(target, source: str, step: int | None = None):
+  """The EMA parameters of a checkpoint of the pfm workdir ``source`` (``config.train.init_from``),
+  read into the shapes and shardings of ``target``.
+
+  A LoRA run's checkpoint holds its adapters only: its parameters are then its base weights (its
+  own ``init_from``'s, from the checkpoint the adapters were trained on) with the adapters
+  merged, W + (alpha / r) A B.
+
+  Args:
+    target: the plain model's parameters (`abstract_base`; arrays or ``jax.ShapeDtypeStruct``
+      leaves, with shardings to restore into).
+    source: the workdir.
+    step: its checkpoint; default the newest intact one.
+
+  Returns:
+    ``(params, step)``.
+
+  Raises:
+    pfm.errors.ConfigError: naming ``config.train.init_from`` when ``source`` is not a workdir or
+      its model's parameters differ from ``target``'s (the first differing one named).
+    pfm.checkpointing.CheckpointError: if ``source`` has no intact checkpoint (or no ``step``).
+  """
+  path = epath.Path(source) / "config.json"
+  if not path.exists():
+    raise errors.ConfigError(f"config.train.init_from={source!r}: no config.json there (a pfm "
+                             "workdir, e.g. one written by pfm.train or pfm.convert)")
+  source_spec = spec_lib.resolve(ml_collections.ConfigDict(json.loads(path.read_text())))
+  _, theirs = abstract_base(source_spec)
+  ours = dict(nnx.to_flat_state(target))
+  for name, leaf in nnx.to_flat_state(theirs):
+    if name not in ours or tuple(ours[name].shape) != tuple(leaf.shape):
+      here = tuple(ours[name].shape) if name in ours else "absent"
+      raise errors.ConfigError(
+          f"config.train.init_from={source!r}: its parameter {'/'.join(map(str, name))} has shape "
+          f"{tuple(leaf.shape)}, this run's model {here} (config.model must match the source's)")
+  if len(ours) != len(list(nnx.to_flat_state(theirs))):
+    raise errors.ConfigError(f"config.train.init_from={source!r}: this run's model has "
+                             "parameters the source's lacks (config.model must match)")
+  if source_spec.lora is not None:
+    _, adapters = abstract_state(source_spec)
+    target_ema = {"ema_params": adapters["ema_params"]}
+  else:
+    target_ema = {"ema_params": jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        target)}
+  checkpointer = checkpointing.Checkpointer(os.path.join(source, "checkpoints"))
+  try:
+    restored, step = checkpointer.restore(target_ema, step=step, partial=True)
+  finally:
+    checkpointer.close(check=False)
+  params = restored["ema_params"]
+  if source_spec.lora is not None:
+    base, _ = _read_base(source_spec, checkpointer.restored_extra.get(LORA_BASE_STEP), target)
+    _, params = merge_lora(source_spec, base, params)
+  return params, step
+
+
+def read_lora_base(spec: spec_lib.RunSpec, step: int | None = None, *,
+                   mesh: jax.sharding.Mesh | None = None, rules=None):
+  """A LoRA run's frozen base weights: the EMA parameters of ``config.train.init_from``.
+
+  Args:
+    spec: the LoRA run's spec.
+    step: the source checkpoint (a LoRA checkpoint's ``extra[LORA_BASE_STEP]``, so a resumed run
+      and its samplers see the weights its adapters were trained on); None: the newest intact.
+    mesh: read each array straight into its sharding on this mesh (by ``rules``, default the
+      config's), or None: unsharded.
+
+  Returns:
+    ``(base params, step)``, in `abstract_base`'s structure.
+
+  Raises:
+    pfm.errors.ConfigError, pfm.checkpointing.CheckpointError: as `read_ema_params`; the latter
+      names the source checkpoint the adapters need when it cannot be read.
+  """
+  _, target = abstract_base(spec)
+  if mesh is not None:
+    rules = parallel.logical_rules(spec.config) if rules is None else rules
+    target = sharded_abstract_state(target, parallel.named_shardings(target, mesh, rules))
+  return _read_base(spec, step, target)
+
+
+def _read_base(spec: spec_lib.RunSpec, step: int | None, target):
+  """`read_lora_base` into ``target``."""
+  source = spec.config.train.init_from
+  try:
+    base, step = read_ema_params(target, source, step)
+  except checkpointing.CheckpointError as e:
+    if step is None:
+      raise
+    raise checkpointing.CheckpointError(
+        f"the LoRA adapters were trained on checkpoint {step} of config.train.init_from="
+        f"{source!r}, which cannot be read: {e}") from e
+  logging.info("LoRA base weights: the EMA parameters of step %d of %s", step, source)
+  return base, step
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _merged(config: lora_lib.LoraConfig, base, adapters):
+  return lora_lib.merge(base, adapters, config)
+
+
+def merge_lora(spec: spec_lib.RunSpec, base, adapters):
+  """``(graphdef, params)`` of the plain MM-DiT with a LoRA run's adapters merged into its base
+  weights (`pfm.lora.merge`): what its samplers run. ``base`` from `read_lora_base`."""
+  graphdef, _ = abstract_base(spec)
+  return graphdef, _merged(spec.lora, base, adapters)

@@ -65,14 +65,19 @@ def microbatch_merge(x: jax.Array) -> jax.Array:
   return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _loss(params, inputs, target, weight, path, *, graphdef, obj: objective.ObjectiveConfig):
-  """``(loss, per-token squared error)`` of the model on a corrupted packed batch."""
-  model = nnx.merge(graphdef, params)
+def _loss(params, inputs, target, weight, path, *, graphdef, obj: objective.ObjectiveConfig,
+          frozen=None):
+  """``(loss, per-token squared error)`` of the model on a corrupted packed batch.
+
+  ``frozen``: a LoRA run's base weights (``params`` are then its adapters), else None.
+  """
+  model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
   prediction = objective.to_target(model(*inputs), inputs[0], path, obj)
   return objective.weighted_mse(prediction, target, weight)
 
 
-def checkpoint_loss(params, rng, step, batch, *, graphdef, obj: objective.ObjectiveConfig):
+def checkpoint_loss(params, rng, step, batch, frozen=None, *, graphdef,
+                    obj: objective.ObjectiveConfig):
   """The loss of (updated) ``params`` on ``batch`` with fresh noise: one forward pass.
 
   Run before a checkpoint is written: parameters that are finite but diverged (e.g. 1e30 after
@@ -83,11 +88,12 @@ def checkpoint_loss(params, rng, step, batch, *, graphdef, obj: objective.Object
   """
   key = jax.random.fold_in(jax.random.fold_in(rng, step), 0x636B7074)  # its own noise stream
   inputs, target, weight, path = objective.corrupt_packed_batch(key, batch, obj)
-  return _loss(params, inputs, target, weight, path, graphdef=graphdef, obj=obj)[0]
+  return _loss(params, inputs, target, weight, path, graphdef=graphdef, obj=obj,
+               frozen=frozen)[0]
 
 
 def loss_and_grads(params, batch, key, *, graphdef, obj: objective.ObjectiveConfig,
-                   microbatches: int = 1):
+                   microbatches: int = 1, frozen=None):
   """The loss of a packed batch and its gradient with respect to ``params``.
 
   With ``microbatches = m > 1`` the gradient is accumulated (float32, `jax.lax.scan`) over m
@@ -97,16 +103,17 @@ def loss_and_grads(params, batch, key, *, graphdef, obj: objective.ObjectiveConf
   loss and gradient equal the large batch's up to float summation order.
 
   Args:
-    params: the model parameters (`nnx.State`).
+    params: the trained parameters (`nnx.State`): all of the model's, or a LoRA run's adapters.
     batch: the packed batch (``pfm.data.pipeline``), rows ``B`` divisible by ``microbatches``.
     key: the step's PRNG key (noise, times, caption dropout).
+    frozen: a LoRA run's base weights (no gradient is taken for them), else None.
 
   Returns:
     ``(loss, err, weight, grads)``: the scalar loss, the per-token squared error and loss weight
     ``[B, L]``, and the gradient (same structure as ``params``).
   """
   inputs, target, weight, path = objective.corrupt_packed_batch(key, batch, obj)
-  loss_fn = functools.partial(_loss, graphdef=graphdef, obj=obj)
+  loss_fn = functools.partial(_loss, graphdef=graphdef, obj=obj, frozen=frozen)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if microbatches == 1:
     (loss, err), grads = grad_fn(params, inputs, target, weight, path)
@@ -124,10 +131,13 @@ def loss_and_grads(params, batch, key, *, graphdef, obj: objective.ObjectiveConf
   return loss, microbatch_merge(err), weight, grads
 
 
-def train_step(state, batch, *, graphdef, tx, obj: objective.ObjectiveConfig, ema_decay: float,
-               num_stages: int, microbatches: int = 1):
+def train_step(state, batch, frozen=None, *, graphdef, tx, obj: objective.ObjectiveConfig,
+               ema_decay: float, num_stages: int, microbatches: int = 1):
   """One optimisation step on a packed batch (`loss_and_grads`, AdamW, EMA). Pure; jit it with
   ``donate_argnums=0``.
+
+  ``frozen``: a LoRA run's base weights (``pfm.state.read_lora_base``; the state then holds the
+  adapters, the only parameters optimised, averaged and checkpointed), else None.
 
   Returns:
     ``(new_state, metrics)``; metrics are scalars: ``loss``, ``loss_stage{k}``, ``grad_norm``,
@@ -135,7 +145,8 @@ def train_step(state, batch, *, graphdef, tx, obj: objective.ObjectiveConfig, em
   """
   key = jax.random.fold_in(state["rng"], state["step"])
   loss, err, weight, grads = loss_and_grads(
-      state["params"], batch, key, graphdef=graphdef, obj=obj, microbatches=microbatches)
+      state["params"], batch, key, graphdef=graphdef, obj=obj, microbatches=microbatches,
+      frozen=frozen)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
@@ -155,7 +166,7 @@ def train_step(state, batch, *, graphdef, tx, obj: objective.ObjectiveConfig, em
 
 
 def make_train_step(spec: spec_lib.RunSpec, graphdef, state_shardings=None):
-  """The jitted `train_step` of a run spec (state donated).
+  """The jitted `train_step` of a run spec (state donated): ``step_fn(state, batch[, frozen])``.
 
   Args:
     state_shardings: the state's shardings (`pfm.parallel.named_shardings`) to keep the new state
@@ -280,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict | spec_lib.RunSpec, wor
   parameter_overview.log_parameter_overview(
       nnx.to_pure_dict(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                     state["params"])),
-      msg="MM-DiT parameters", include_stats=False)
+      msg="MM-DiT parameters" if spec.lora is None else "LoRA adapters", include_stats=False)
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_checkpoints)
   run = _Run(spec=spec, workdir=workdir, mesh=mesh, rules=rules, graphdef=graphdef,
@@ -324,39 +335,17 @@ def write_training_samples(sampler: sample_lib.Sampler, records: list[dict], wor
 
 def initialise_from(spec: spec_lib.RunSpec, state, source: str):
   """``state`` with the parameters of another run (``config.train.init_from``): the EMA
-  parameters of the newest intact checkpoint of the pfm workdir ``source`` become both the
-  parameters and the EMA of step 0; the optimizer state stays fresh (fine-tuning).
+  parameters of the newest intact checkpoint of the pfm workdir ``source`` (merged, for a LoRA
+  run) become both the parameters and the EMA of step 0; the optimizer state stays fresh
+  (fine-tuning).
 
   Raises:
     pfm.errors.ConfigError: naming ``config.train.init_from`` when ``source`` is not a workdir or
       its model's parameters differ from this run's (the first differing one named).
     pfm.checkpointing.CheckpointError: if ``source`` has no intact checkpoint.
   """
-  path = epath.Path(source) / "config.json"
-  if not path.exists():
-    raise errors.ConfigError(f"config.train.init_from={source!r}: no config.json there (a pfm "
-                             "workdir, e.g. one written by pfm.train or pfm.convert)")
-  source_spec = spec_lib.resolve(ml_collections.ConfigDict(json.loads(path.read_text())))
-  _, theirs = state_lib.abstract_state(source_spec)
-  ours = dict(nnx.to_flat_state(state["ema_params"]))
-  for name, leaf in nnx.to_flat_state(theirs["ema_params"]):
-    if name not in ours or tuple(ours[name].shape) != tuple(leaf.shape):
-      here = tuple(ours[name].shape) if name in ours else "absent"
-      raise errors.ConfigError(
-          f"config.train.init_from={source!r}: its parameter {'/'.join(map(str, name))} has shape "
-          f"{tuple(leaf.shape)}, this run's model {here} (config.model must match the source's)")
-  if len(ours) != len(list(nnx.to_flat_state(theirs["ema_params"]))):
-    raise errors.ConfigError(f"config.train.init_from={source!r}: this run's model has "
-                             "parameters the source's lacks (config.model must match)")
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        {"ema_params": state["ema_params"]})
-  checkpointer = checkpointing.Checkpointer(os.path.join(source, "checkpoints"))
-  try:
-    restored, step = checkpointer.restore(target, partial=True)
-  finally:
-    checkpointer.close(check=False)
+  params, step = state_lib.read_ema_params(state["ema_params"], source)
   logging.info("Initialised from the EMA parameters of step %d of %s", step, source)
-  params = restored["ema_params"]
   return dict(state, params=params, ema_params=jax.tree.map(jnp.copy, params))
 
 
@@ -366,12 +355,14 @@ def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
 
   spec, config, workdir, mesh, rules = run.spec, run.spec.config, run.workdir, run.mesh, run.rules
   checkpointer, writer = run.checkpointer, run.writer
-  if config.train.init_from and resume_step is None and not checkpointer.steps:
+  if (config.train.init_from and spec.lora is None and resume_step is None
+      and not checkpointer.steps):
     state = initialise_from(spec, state, config.train.init_from)
   state, restored = _restore(checkpointer, state, data_iter, resume_step)
   if restored is not None:
     parallel.check_sharding(state, mesh, rules)
     logging.info("Resumed from step %d in %s", restored, workdir)
+  frozen, base_step = _read_lora_base(run, restored)
   start_step = int(state["step"])
   last_good = restored
 
@@ -406,8 +397,10 @@ def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
     nonlocal sample_seconds
     t0 = time.time()
     with report.timed("sample"):
-      sampler = sample_lib.Sampler(spec, run.graphdef,
-                                   parallel.replicated(state["ema_params"], mesh))
+      graphdef, params = run.graphdef, state["ema_params"]
+      if frozen is not None:  # LoRA: the adapters merged into the base weights
+        graphdef, params = state_lib.merge_lora(spec, frozen, params)
+      sampler = sample_lib.Sampler(spec, graphdef, parallel.replicated(params, mesh))
       write_training_samples(sampler, sample_records(), workdir, step, writer, classifier())
     sample_seconds += time.time() - t0
 
@@ -442,7 +435,7 @@ def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
     with report.timed("train_step", wait_jax_async_dispatch=False):
       with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         device_batch = parallel.global_batch(batch, mesh)
-        state, metrics = step_fn(state, device_batch)
+        state, metrics = step_fn(state, device_batch, frozen)
     pending.append(metrics)
     report(step)
     _stop_on_failed_save(checkpointer.check, step)  # now, not one checkpoint later
@@ -477,7 +470,8 @@ def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
       # parameters' loss on this batch finite (one forward pass).
       state_report = checkpointing.inspect_state(state)
       with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        loss = float(loss_after_update(state["params"], state["rng"], step, device_batch))
+        loss = float(loss_after_update(state["params"], state["rng"], step, device_batch,
+                                       frozen))
       if state_report.num_nonfinite or not np.isfinite(loss):
         what = (f"holds {state_report.nonfinite_summary()}" if state_report.num_nonfinite
                 else f"gives a loss of {loss} with its updated parameters")
@@ -485,6 +479,8 @@ def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
                                  f"checkpointed; {_last_good(last_good, workdir)}")
       compute = {"train_flops": train_flops,
                  "train_seconds": seconds_before + time.time() - t_start - sample_seconds}
+      if base_step is not None:
+        compute[state_lib.LORA_BASE_STEP] = base_step
       _stop_on_failed_save(
           functools.partial(checkpointer.save, step, state, data_iter, report=state_report,
                             extra=compute), step)
@@ -493,6 +489,19 @@ def _train_loop(run: _Run, state, data_iter, resume_step: int | None):
       write_samples(step, state)
   logging.info("Trained %d steps in %.1f s", num_steps - start_step, time.time() - t_start)
   return state
+
+
+def _read_lora_base(run: _Run, restored: int | None):
+  """``(base weights, source step)`` of a LoRA run, in the run's shardings: the EMA parameters of
+  the ``train.init_from`` checkpoint its restored adapters were trained on (the newest intact one
+  for a new run); ``(None, None)`` for other runs."""
+  if run.spec.lora is None:
+    return None, None
+  extra = run.checkpointer.restored_extra if restored is not None else {}
+  base, step = state_lib.read_lora_base(run.spec, extra.get(state_lib.LORA_BASE_STEP),
+                                        mesh=run.mesh, rules=run.rules)
+  parallel.check_sharding(base, run.mesh, run.rules)
+  return base, step
 
 
 def _stop_on_failed_save(fn, step: int):

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from flax import nnx
+
 from pfm import convert
 from pfm import latent
 
@@ -144,3 +146,73 @@ def test_the_converted_dits_predict_as_the_official_ones(family):
   for option in ({"text_causal_block": -1}, {"conditioning": "token"}, {"time_input": "data"}):
     other, _ = convert.load_official_dit(folder, **option)
     assert np.abs(np.asarray(other(video, text))[:, -n_current:] + official).max() > 0.3, option
+
+
+TEXT_ENCODERS = os.path.join(os.path.dirname(FIXTURES), "text_encoders")
+# Tiny sizes for the tiny fixtures: 32x32 pixels through the 2x VAE, 2 frame units.
+TINY = {"data.height": 32, "data.width": 32, "latent.spatial_compression": 2,
+        "latent.temporal_compression": 2, "model.dtype": "float32", "sample.num_frames": 2,
+        "sample.first_frame_steps": (2, 2, 2), "sample.later_frame_steps": (1, 1, 1),
+        "latent.encode_window": 0, "latent.decode_window": 0}
+
+
+def released_folder(root, family: str):
+  """A folder laid out as the released ones, from the tiny fixtures (DiT, VAE, text encoders)."""
+  folder = root / ("pyramid-flow-sd3" if family == "mmdit" else "pyramid-flow-miniflux")
+  shutil.copytree(os.path.join(FIXTURES, family), folder / "diffusion_transformer_384p",
+                  ignore=shutil.ignore_patterns("expected.npz"))
+  shutil.copytree(VAE, folder / "causal_video_vae", ignore=shutil.ignore_patterns("*.npz"))
+  towers = ({"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5"}
+            if family == "mmdit" else {"text_encoder": "clip_l", "text_encoder_2": "t5"})
+  for name, fixture in towers.items():
+    shutil.copytree(os.path.join(TEXT_ENCODERS, fixture), folder / name,
+                    ignore=shutil.ignore_patterns("tokenizer*", "*.npz"))
+    tokenizer = folder / name.replace("text_encoder", "tokenizer")
+    tokenizer.mkdir()
+    shutil.copy(os.path.join(TEXT_ENCODERS, fixture, "tokenizer.json"), tokenizer)
+  return folder
+
+
+@pytest.mark.parametrize("family", ["mmdit", "flux"])
+def test_a_converted_released_folder_is_a_workdir_the_sampler_opens(tmp_path, family):
+  """The whole folder (DiT, VAE, text encoders and tokenizers) becomes a workdir whose sampler
+  predicts what the official DiT predicts on the fixture's inputs."""
+  from pfm import sample as sample_lib
+  from pfm.pyramid import tokens as tokens_lib
+  source = released_folder(tmp_path, family)
+  workdir = convert.convert_released(str(source), str(tmp_path / "run"), "384p", overrides=TINY)
+  sampler = sample_lib.Sampler.from_workdir(workdir)
+  assert sampler.spec.pyramid.timestep_windows is not None
+  model = nnx.merge(sampler._graphdef, sampler._params)
+  expected = np.load(os.path.join(FIXTURES, family, "expected.npz"))
+  video, text, n_current = _dit_inputs(expected, True)
+  official = tokens_lib.patchify(np.transpose(expected["output"][:, :, 0], (0, 2, 3, 1)), 2)
+  np.testing.assert_allclose(np.asarray(model(video, text))[:, -n_current:], -official,
+                             atol=5e-5)
+  video = sampler.generate("a red ball", seed=0, progress=False)
+  assert video.shape == (3, 32, 32, 3) and video.dtype == np.uint8
+
+
+def test_the_released_configs_step_through_stages_as_the_official_scheduler():
+  """configs/released.py's pyramid against the official scheduler's stages, fixture
+  ``scheduler.json``: each stage's noise levels (start, end; the jump-corrected starts), its
+  Euler steps (t' = 1 - sigma) and the timesteps the DiT is fed ((1 - t) * 1000 at the model's
+  time), within float32 rounding (1e-5 in t, 1e-2 in timesteps out of 1000)."""
+  import json
+  from configs import released
+  from pfm import spec as spec_lib
+  from pfm.pyramid import samplers
+  official = json.load(open(os.path.join(FIXTURES, "scheduler.json")))["stages"]
+  config = released.get_config("pyramid_flux,384p")
+  config.data.features = "features"  # what pfm.convert sets; not read here
+  pyramid = spec_lib.resolve(config).pyramid
+  for order, stage in enumerate(official):           # official stage 0 = pfm's coarsest
+    k = pyramid.num_stages - 1 - order
+    s, e = pyramid.windows[k]
+    np.testing.assert_allclose((s, e), (1 - stage["start_sigma"], 1 - stage["end_sigma"]),
+                               atol=1e-5)
+    for steps, run in stage["steps"].items():
+      grid = samplers.stage_time_grid(int(steps), "released")
+      np.testing.assert_allclose(grid, 1 - np.asarray(run["sigmas"]), atol=1e-6)
+      model_t = pyramid.model_time(s + grid[:-1] * (e - s), k)
+      np.testing.assert_allclose((1 - model_t) * 1000, run["timesteps"], atol=1e-2)

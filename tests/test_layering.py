@@ -18,13 +18,13 @@ LAYERS = (
     ("pfm.pyramid",),                                  # the pure maths of both papers
     ("pfm.models",),                                   # the MM-DiT and its parts
     ("pfm.objective", "pfm.vae_objective", "pfm.parallel", "pfm.checkpointing",
-     "pfm.throughput"),
+     "pfm.throughput", "pfm.lora"),
     ("pfm.spec",),                                     # the resolved run spec
     ("pfm.data",),                                     # manifests, video I/O, layout, pipeline
     ("pfm.metrics",),                                  # download-free video metrics
     ("pfm.state", "pfm.validation", "pfm.latent"),
     ("pfm.sample",),
-    ("pfm.evaluate", "pfm.digit_classifier"),
+    ("pfm.evaluate", "pfm.digit_classifier", "pfm.app"),
     ("pfm.train",),
     ("pfm.train_vae", "pfm.extract", "pfm.convert"),
     ("pfm.benchmark", "pfm.results"),

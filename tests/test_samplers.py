@@ -4,9 +4,10 @@ With the exact stage target of a single data point x1, ``sample_pyramid`` (Euler
 coupled paths with the Eq. (15) jumps, Pyramidal Flow Algorithm 1; DDIM for the VP schedule) lands
 on x1 for any seed, for 2x2 spatial pyramids and for every block and both schedules, and
 ``integrate_stage`` lands each stage on its coupled endpoint gamma_e D + sigma_e n with the same n
-for any number of steps (not only the last stage, whose sigma_e = 0 hides noise errors). Wrong
-fields miss: one scaled by the window width instead of the Eq. (11) velocity, or by 0.5. Bad
-arguments (steps per stage, indivisible shapes, zero steps) are rejected.
+for any number of steps (not only the last stage, whose sigma_e = 0 hides noise errors). A batch
+draws each sample's noise from its own key. Wrong fields miss: one scaled by the window width
+instead of the Eq. (11) velocity, or by 0.5. Bad arguments (steps per stage, indivisible shapes,
+zero steps) are rejected.
 """
 
 from __future__ import annotations
@@ -107,6 +108,21 @@ def test_each_stage_lands_on_its_coupled_endpoint(block, diffusion):
   np.testing.assert_allclose(err, 0.0, atol=1e-4)
   err_wrong = np.asarray(errors(0.5))
   assert np.all(err_wrong > 0.05), err_wrong
+
+
+def test_a_batch_draws_each_sample_as_its_own_key_does():
+  """``sample_pyramid_batch``: sample b equals ``sample_pyramid`` with ``keys[b]``, for a field
+  that does not remove the noise (half the exact one), so every noise draw shows."""
+  pyramid = make(2, (2, 2))
+  shape = sampler_shape((2, 2))
+  model_fn = exact_model_fn(pyramid, uniform_video(100, shape), 0.5)
+  keys = jax.random.split(jax.random.key(3), 2)  # threefry, the sampler's: exact under vmap
+  batch = jax.jit(lambda keys: samplers.sample_pyramid_batch(
+      model_fn, keys, shape, pyramid, [1, 2]))(keys)
+  single = jax.jit(lambda key: samplers.sample_pyramid(model_fn, key, shape, pyramid, [1, 2]))
+  for b in range(2):
+    np.testing.assert_allclose(batch[b], single(keys[b]), atol=1e-6)
+  assert float(jnp.abs(batch[0] - batch[1]).max()) > 0.1
 
 
 def test_sample_pyramid_rejects_bad_arguments():

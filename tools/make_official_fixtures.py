@@ -24,19 +24,26 @@ What it makes, deterministic (torch.manual_seed(0)):
 * ``mmdit/`` and ``flux/``: tiny random DiTs of the two released families,
   `pyramid_dit.mmdit_modules.PyramidDiffusionMMDiT` (SD3's MM-DiT: 2 joint blocks, width 32, 2
   heads) and `pyramid_dit.flux_modules.PyramidFluxTransformer` (miniFLUX: 2 joint and 2
-  single-stream blocks, width 32, 2 heads, 3-axis RoPE (4, 6, 6)), built with the options the
+  single-stream blocks, width 32, 2 heads, 3-axis RoPE (4, 6, 6)), their caption widths those
+  of the tiny text encoders of ``tests/fixtures/text_encoders``, built with the options the
   released pipeline sets (`build_pyramid_dit`: temporal causal attention, interpolated history
   positions, no flash attention; the MM-DiT with its temporal RoPE and T5 mask) and saved with
   ``save_pretrained`` as the released ``diffusion_transformer_*`` folders are. Every parameter
   is random (the zero-initialised modulations and output layer included).
 * ``<family>/expected.npz``: one sampling call of each as the released pipeline makes it
-  (`generate_one_unit`): a batch of 2 captions (T5-like features ``text`` [2, 6, 20] with
-  ``text_mask`` [2, 6], the second caption shorter, pooled ``pooled`` [2, 12]) and timesteps
+  (`generate_one_unit`): a batch of 2 captions (T5-like features ``text`` [2, 6, 32] with
+  ``text_mask`` [2, 6], the second caption shorter, pooled ``pooled`` [2, 48] (MM-DiT: two
+  CLIP projections) or [2, 32] (miniFLUX: one CLIP pooled state)) and timesteps
   ``timestep`` [2] (on the 0..1000 noise scale), for a current unit ``current`` [2, 4, 1, 8, 8]
   after a history of ``history_old`` [2, 4, 1, 4, 4] (a coarser level) and ``history_recent``
   [2, 4, 1, 8, 8], in the official [B, C, T, H, W] layout; ``output`` the official prediction at
   the current unit (a velocity towards noise), and ``output_first`` that of the first unit
   (``current`` alone, no history).
+
+* ``scheduler.json``: the official ``PyramidFlowMatchEulerDiscreteScheduler`` of the released
+  pipeline (3 stages, ``stage_range`` [0, 1/3, 2/3, 1], gamma 1/3, shift 1): for each stage
+  (coarsest first) and a few step counts, the timesteps the DiT is fed and the sigmas the Euler
+  steps move between, and the stages' start and end noise levels.
 
 The official code imports IPython only for a debugging hook; a stub stands in for it.
 """
@@ -90,14 +97,14 @@ def make_vae(official: str, output: str) -> None:
 
 MMDIT_CONFIG = dict(
     sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
-    num_attention_heads=2, caption_projection_dim=32, pooled_projection_dim=12,
+    num_attention_heads=2, caption_projection_dim=32, pooled_projection_dim=48,
     pos_embed_max_size=12, max_num_frames=8, qk_norm="rms_norm", pos_embed_type="sincos",
-    temp_pos_embed_type="rope", joint_attention_dim=20, use_flash_attn=False,
+    temp_pos_embed_type="rope", joint_attention_dim=32, use_flash_attn=False,
     use_temporal_causal=True, use_t5_mask=True, add_temp_pos_embed=True,
     interp_condition_pos=True)
 FLUX_CONFIG = dict(
     patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-    num_attention_heads=2, joint_attention_dim=20, pooled_projection_dim=12,
+    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
     axes_dims_rope=[4, 6, 6], use_flash_attn=False, use_temporal_causal=True,
     interp_condition_pos=True)
 
@@ -142,10 +149,11 @@ def make_dit(official: str, output: str, family: str) -> None:
   os.makedirs(folder, exist_ok=True)
   model.save_pretrained(folder, safe_serialization=True)
   g = torch.Generator().manual_seed(2)
+  config = MMDIT_CONFIG if family == "mmdit" else FLUX_CONFIG
   inputs = dict(
-      text=torch.randn((2, 6, 20), generator=g),
+      text=torch.randn((2, 6, config["joint_attention_dim"]), generator=g),
       text_mask=torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]]),
-      pooled=torch.randn((2, 12), generator=g),
+      pooled=torch.randn((2, config["pooled_projection_dim"]), generator=g),
       timestep=torch.tensor([750.0, 500.0]),
       history_old=torch.randn((2, 4, 1, 4, 4), generator=g),
       history_recent=torch.randn((2, 4, 1, 8, 8), generator=g),
@@ -162,15 +170,38 @@ def make_dit(official: str, output: str, family: str) -> None:
   print(f"{folder}: {sum(p.numel() for p in model.parameters())} parameters")
 
 
+def make_scheduler(official: str, output: str) -> None:
+  import json
+  sys.path.insert(0, official)
+  from diffusion_schedulers.scheduling_flow_matching import PyramidFlowMatchEulerDiscreteScheduler
+  scheduler = PyramidFlowMatchEulerDiscreteScheduler(
+      shift=1.0, stages=3, stage_range=[0, 1 / 3, 2 / 3, 1], gamma=1 / 3)
+  stages = []
+  for stage in range(3):
+    runs = {}
+    for steps in (1, 2, 5, 20):
+      scheduler.set_timesteps(steps, stage)
+      runs[steps] = dict(timesteps=scheduler.timesteps.tolist(),
+                         sigmas=scheduler.sigmas.tolist())
+    stages.append(dict(start_sigma=scheduler.start_sigmas[stage],
+                       end_sigma=scheduler.end_sigmas[stage],
+                       ori_start_sigma=scheduler.ori_start_sigmas[stage], steps=runs))
+  with open(os.path.join(output, "scheduler.json"), "w") as f:
+    json.dump(dict(stages=stages), f, indent=1)
+  print(f"{output}/scheduler.json")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--official", required=True, help="a checkout of jy0205/Pyramid-Flow")
   parser.add_argument("--output", default="tests/fixtures/official")
-  parser.add_argument("--parts", default="vae,mmdit,flux", help="comma-separated fixtures")
+  parser.add_argument("--parts", default="vae,mmdit,flux,scheduler", help="comma-separated fixtures")
   args = parser.parse_args()
   parts = args.parts.split(",")
   if "vae" in parts:
     make_vae(os.path.abspath(args.official), args.output)
+  if "scheduler" in parts:
+    make_scheduler(os.path.abspath(args.official), args.output)
   for family in ("mmdit", "flux"):
     if family in parts:
       make_dit(os.path.abspath(args.official), args.output, family)

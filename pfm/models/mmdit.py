@@ -49,10 +49,10 @@ from pfm.models import overlap
 from pfm.models.layers import linear
 from pfm.models.masks import MaskInfo
 from pfm.models.partitioning import with_logical_constraint
-from pfm.models.presets import (
-  CONDITIONINGS, OUTPUT_HEADS, POSITION_EMBEDDINGS, TIME_INPUTS, MMDiTConfig, model_config)
+from pfm.models.presets import OUTPUT_HEADS, MMDiTConfig, model_config
 from pfm.models.stacking import (
-  call_block, call_single_block, remat_policy, scan_blocks, scan_decode, stacked_blocks)
+  call_block, call_single_block, remat_policy, scan_blocks, scan_decode, scan_single_blocks,
+  stacked_blocks, stacked_single_blocks)
 from pfm.models.text import ByteTextEncoder, segment_mean
 
 
@@ -87,6 +87,8 @@ class MMDiT(nnx.Module):
   Joint blocks: `blocks`, an `nnx.List` of `depth` `JointBlock`s (the last one's text stream
   pre-only); with `config.scan_layers`, `blocks` is one `JointBlock` holding blocks 0..depth-2
   stacked on a leading "layers" axis (None for depth 1) and `last_block` the last block.
+  Single-stream blocks (`config.single_blocks`, FLUX): `single_blocks`, an `nnx.List`, or with
+  `scan_layers` one `SingleBlock` of all of them stacked.
 
   Raises:
     ValueError: on inconsistent sizes, no text input, depth < 1, an unknown remat_policy or
@@ -106,21 +108,7 @@ class MMDiT(nnx.Module):
       raise ValueError(f"output_head={config.output_head!r} is not one of {OUTPUT_HEADS}.")
     if config.output_head == "overlap" and config.patch_size % 2:
       raise ValueError(f"output_head='overlap' needs an even patch size, got {config.patch_size}.")
-    for name, value, known in (("position_embedding", config.position_embedding,
-                                POSITION_EMBEDDINGS), ("time_input", config.time_input,
-                                TIME_INPUTS), ("conditioning", config.conditioning,
-                                CONDITIONINGS)):
-      if value not in known:
-        raise ValueError(f"{name}={value!r} is not one of {known}.")
-    if config.rope_axes and (len(config.rope_axes) != 3 or sum(config.rope_axes) != config.head_dim
-                             or any(d % 2 for d in config.rope_axes)):
-      raise ValueError(f"rope_axes={tuple(config.rope_axes)} must be 3 even sizes (frame, row, "
-                       f"col) summing to the head size {config.head_dim}.")
-    if config.text_projection_only and (config.text_embed_dim is None
-                                        or config.text_width != config.width):
-      raise ValueError("text_projection_only needs text_embed_dim and text_width == width.")
-    if config.single_blocks < 0:
-      raise ValueError(f"single_blocks must be >= 0, got {config.single_blocks}.")
+    config.validate_options()
     remat_policy(config.remat_policy)  # Validates the name.
     self.config = config
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
@@ -160,8 +148,11 @@ class MMDiT(nnx.Module):
         JointBlock(config, text_pre_only=last_pre_only and i == config.depth - 1, rngs=rngs)
         for i in range(config.depth)
       ])
-    self.single_blocks = nnx.List([
-      SingleBlock(config, rngs=rngs) for _ in range(config.single_blocks)])
+    if config.scan_layers and config.single_blocks:
+      self.single_blocks = stacked_single_blocks(config, config.single_blocks, rngs)
+    else:
+      self.single_blocks = nnx.List([
+        SingleBlock(config, rngs=rngs) for _ in range(config.single_blocks)])
     self.final_layer = FinalLayer(config, rngs=rngs)
 
   def encode_text(
@@ -333,10 +324,14 @@ class MMDiT(nnx.Module):
         block, x_text, c_text, x_video, c_video, angles, mask, remat=config.remat_policy)
       if collect_kv:
         kv.append(block_kv)
-    if len(self.single_blocks):
+    if config.single_blocks:
       x, c = jnp.concatenate([x_text, x_video], 1), jnp.concatenate([c_text, c_video], 1)
-      for block in self.single_blocks:
-        x = call_single_block(block, x, c, angles, mask, remat=config.remat_policy)
+      if config.scan_layers:
+        x = scan_single_blocks(self.single_blocks, x, c, angles, mask,
+                               remat=config.remat_policy)
+      else:
+        for block in self.single_blocks:
+          x = call_single_block(block, x, c, angles, mask, remat=config.remat_policy)
       x_video = x[:, lt:]
     context = ContextCache(kv=tuple(kv), segment_ids=segment_ids, causal_blocks=causal_blocks,
                            pooled_text=pooled, text_segment_ids=text_segment_ids,

@@ -140,6 +140,30 @@ class MMDiTConfig:
   text_causal_block: int = -1
   text_projection_only: bool = False
 
+  def validate_options(self) -> None:
+    """Checks the released-model options (module docstring of each field).
+
+    Raises:
+      ValueError: naming the field, for an unknown position embedding, time input or
+        conditioning, RoPE axes that are not 3 even sizes summing to the head size,
+        text_projection_only without a matching text width, or negative single_blocks.
+    """
+    for name, value, known in (("position_embedding", self.position_embedding,
+                                POSITION_EMBEDDINGS), ("time_input", self.time_input,
+                                TIME_INPUTS), ("conditioning", self.conditioning,
+                                CONDITIONINGS)):
+      if value not in known:
+        raise ValueError(f"{name}={value!r} is not one of {known}.")
+    if self.rope_axes and (len(self.rope_axes) != 3 or sum(self.rope_axes) != self.head_dim
+                           or any(d % 2 for d in self.rope_axes)):
+      raise ValueError(f"rope_axes={tuple(self.rope_axes)} must be 3 even sizes (frame, row, "
+                       f"col) summing to the head size {self.head_dim}.")
+    if self.text_projection_only and (self.text_embed_dim is None
+                                      or self.text_width != self.width):
+      raise ValueError("text_projection_only needs text_embed_dim and text_width == width.")
+    if self.single_blocks < 0:
+      raise ValueError(f"single_blocks must be >= 0, got {self.single_blocks}.")
+
   @property
   def patch_dim(self) -> int:
     """P = patch_size^2 * channels, the feature size of a video token."""

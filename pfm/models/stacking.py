@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pfm.models.axes import LAYER_AXIS
-from pfm.models.blocks import JointBlock
+from pfm.models.blocks import JointBlock, SingleBlock
 from pfm.models.presets import MMDiTConfig
 
 # Checkpoint policies of `MMDiTConfig.remat_policy` (see its docstring); "none" is no remat.
@@ -65,6 +65,18 @@ def stacked_blocks(config: MMDiTConfig, num: int, rngs: nnx.Rngs) -> JointBlock:
             transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS}, **_GRAPH)
   def create(rngs: nnx.Rngs) -> JointBlock:
     return JointBlock(config, rngs=rngs)
+
+  return create(rngs)
+
+
+def stacked_single_blocks(config: MMDiTConfig, num: int, rngs: nnx.Rngs) -> SingleBlock:
+  """`num` single-stream blocks as one module, parameters stacked on axis 0 (`stacked_blocks`)."""
+
+  @nnx.split_rngs(splits=num, **_GRAPH)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num,
+            transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS}, **_GRAPH)
+  def create(rngs: nnx.Rngs) -> SingleBlock:
+    return SingleBlock(config, rngs=rngs)
 
   return create(rngs)
 
@@ -133,6 +145,18 @@ def scan_blocks(blocks, x_text, c_text, x_video, c_video, angles, mask, *, remat
   return x_text, x_video, stacked_kv
 
 
+def scan_single_blocks(blocks: SingleBlock, x, c, angles, mask, *, remat: str):
+  """Runs stacked single-stream blocks in order with `jax.lax.scan` (`SingleBlock.__call__`)."""
+  graphdef, state = nnx.split(blocks)
+  fn = _block_fn(graphdef, remat, prevent_cse=False)
+
+  def body(x, layer_state):
+    return fn(_drop_layer_axis(layer_state), x, c, angles, mask), None
+
+  x, _ = jax.lax.scan(body, x, state)
+  return x
+
+
 def scan_decode(blocks, x_video, c_video, angles, mask, stacked_kv):
   """`JointBlock.decode` of stacked blocks in order; stacked_kv: ([n, B, Lc, H, Dh],) * 2."""
   graphdef, state = nnx.split(blocks)
@@ -165,7 +189,8 @@ def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
 
   Returns:
     the same tree with "blocks" replaced by "blocks" = blocks 0..depth-2 stacked on a new leading
-    axis (absent for depth 1) and "last_block" = block depth-1. Load it into a model with
+    axis (absent for depth 1) and "last_block" = block depth-1, and "single_blocks" (if any)
+    all stacked. Load it into a model with
     `nnx.replace_by_pure_dict(nnx.state(model, nnx.Param), stacked)` then `nnx.update`.
   """
   blocks = params["blocks"]
@@ -175,6 +200,10 @@ def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
     out["blocks"] = jax.tree.map(
       lambda *xs: jnp.stack(xs), *[_child(blocks, i) for i in range(depth - 1)])
   out["last_block"] = _child(blocks, depth - 1)
+  singles = params.get("single_blocks")
+  if singles:
+    out["single_blocks"] = jax.tree.map(
+      lambda *xs: jnp.stack(xs), *[_child(singles, i) for i in range(len(singles))])
   return out
 
 
@@ -188,4 +217,8 @@ def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
     blocks = {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num)}
   blocks[len(blocks)] = params["last_block"]
   out["blocks"] = blocks
+  singles = params.get("single_blocks")
+  if singles:
+    num = jax.tree.leaves(singles)[0].shape[0]
+    out["single_blocks"] = {i: jax.tree.map(lambda x, i=i: x[i], singles) for i in range(num)}
   return out

@@ -22,9 +22,34 @@ from pfm.pyramid import diffusions, paths, stages
 ModelFn = Callable[[jax.Array, jax.Array, int], jax.Array]
 
 
+TIME_GRIDS = ("uniform", "released")
+# The released Pyramid Flow scheduler's last step in stage time (its sigmas end at 1 / 1000).
+RELEASED_LAST_STEP = 1e-3
+
+
+def stage_time_grid(num_steps: int, grid: str = "uniform") -> np.ndarray:
+  """The stage times t'_0 = 0 < ... < t'_N = 1 of ``num_steps`` Euler steps.
+
+  ``"uniform"``: t'_i = i / N. ``"released"``: Pyramid Flow's released scheduler
+  (``PyramidFlowMatchEulerDiscreteScheduler.set_timesteps``): its sigmas run linearly from 1 to
+  1/1000 in N points and then to 0, i.e. N - 1 even steps to t' = 0.999 and a last step of 0.001
+  (one step: from 0 to 1).
+
+  Raises:
+    ValueError: for num_steps < 1 or an unknown grid.
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  if grid not in TIME_GRIDS:
+    raise ValueError(f"time grid {grid!r} is not one of {TIME_GRIDS}")
+  if grid == "uniform" or num_steps == 1:
+    return np.linspace(0.0, 1.0, num_steps + 1)
+  return np.append(np.linspace(0.0, 1.0 - RELEASED_LAST_STEP, num_steps), 1.0)
+
+
 def euler_stage(velocity_fn: ModelFn, x_start, k: int, start: float, end: float,
-                num_steps: int):
-  """Flow matching: ``num_steps`` uniform Euler steps in t' from x̂_{s_k} to x̂_{e_k}.
+                num_steps: int, time_grid: str = "uniform"):
+  """Flow matching: ``num_steps`` Euler steps in t' from x̂_{s_k} to x̂_{e_k}.
 
   Args:
     velocity_fn: ``model_fn`` returning the velocity (module docstring).
@@ -32,18 +57,18 @@ def euler_stage(velocity_fn: ModelFn, x_start, k: int, start: float, end: float,
     k: stage index (static).
     start, end: the window ``[s_k, e_k]``.
     num_steps: number of Euler steps (>= 1), i.e. velocity evaluations.
+    time_grid: the steps' stage times (`stage_time_grid`): uniform, or the released models'.
 
   Returns:
     x̂_{e_k}, same shape and dtype as ``x_start``.
   """
-  if num_steps < 1:
-    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-  dt_local = 1.0 / num_steps
+  grid = stage_time_grid(num_steps, time_grid)
+  local = jnp.asarray(grid, jnp.float32)
+  times = jnp.asarray(start + (end - start) * grid, jnp.float32)
 
   def step(i, x):
-    t = start + (end - start) * i * dt_local
-    v = velocity_fn(x, jnp.asarray(t, jnp.float32), k)
-    return (x + dt_local * v).astype(x.dtype)
+    v = velocity_fn(x, times[i], k)
+    return (x + (local[i + 1] - local[i]) * v).astype(x.dtype)
 
   return jax.lax.fori_loop(0, num_steps, step, x_start)
 
@@ -80,11 +105,12 @@ def ddim_stage(eps_fn: ModelFn, x_start, k: int, start: float, end: float, num_s
 
 
 def integrate_stage(model_fn: ModelFn, x_start, k: int, start: float, end: float, num_steps: int,
-                    noise_schedule: diffusions.NoiseSchedule):
-  """Euler (flow matching) or DDIM (variance-preserving) from x̂_{s_k} to x̂_{e_k}."""
+                    noise_schedule: diffusions.NoiseSchedule, time_grid: str = "uniform"):
+  """Euler (flow matching, on ``time_grid``) or DDIM (variance-preserving, uniform) from
+  x̂_{s_k} to x̂_{e_k}."""
   if paths.is_ddim(noise_schedule):
     return ddim_stage(model_fn, x_start, k, start, end, num_steps, noise_schedule)
-  return euler_stage(model_fn, x_start, k, start, end, num_steps)
+  return euler_stage(model_fn, x_start, k, start, end, num_steps, time_grid)
 
 
 def sample_pyramid(model_fn: ModelFn, key, shape: Sequence[int], pyramid: stages.Pyramid,
@@ -112,6 +138,35 @@ def sample_pyramid(model_fn: ModelFn, key, shape: Sequence[int], pyramid: stages
   Raises:
     ValueError: for a wrong number of per-stage steps or a shape that the stages do not divide.
   """
+  batched_fn = lambda x, t, k: model_fn(x[0], t, k)[None]
+  return sample_pyramid_batch(batched_fn, key[None], shape, pyramid,
+                              steps_per_stage, dtype, renoise=renoise)[0]
+
+
+def sample_pyramid_batch(model_fn: ModelFn, keys, shape: Sequence[int], pyramid: stages.Pyramid,
+                         steps_per_stage: Sequence[int], dtype=jnp.float32, *,
+                         renoise: bool = True, time_grid: str = "uniform"):
+  """`sample_pyramid` for a batch of B samples whose model calls run together.
+
+  Sample b draws its initial and corrective noise from ``keys[b]`` exactly as `sample_pyramid`
+  draws them from one key, so it is the sample `sample_pyramid` gives with ``keys[b]`` (to the
+  float rounding of a batched ``model_fn``); every Euler or DDIM step is one ``model_fn`` call on
+  the whole batch.
+
+  Args:
+    model_fn: ``(x [B, *stage shape], t, k) -> target [B, *stage shape]`` (module docstring, with
+      a leading batch axis).
+    keys: ``[B]`` PRNG keys (``jax.random.split``, or a stack of ``jax.random.key``).
+    shape: one sample's full-size shape, as in `sample_pyramid` (without B).
+    pyramid, steps_per_stage, dtype, renoise: as in `sample_pyramid`.
+    time_grid: the Euler steps' stage times (`stage_time_grid`; flow matching).
+
+  Returns:
+    ``[B, *shape]``.
+
+  Raises:
+    ValueError: for a wrong number of per-stage steps or a shape that the stages do not divide.
+  """
   num_stages = pyramid.num_stages
   if len(steps_per_stage) != num_stages:
     raise ValueError(
@@ -122,14 +177,17 @@ def sample_pyramid(model_fn: ModelFn, key, shape: Sequence[int], pyramid: stages
     raise ValueError(f"shape {tuple(shape)} is not divisible by the coarsest stage's factors "
                      f"(space {fs}, time {ft})")
   noise_schedule = pyramid.noise_schedule
-  keys = jax.random.split(key, num_stages)
+  stage_keys = jax.vmap(lambda key: jax.random.split(key, num_stages))(keys)  # [B, K]
   start = pyramid.windows[-1][0]
+  coarsest = pyramid.stage_shape(shape, num_stages - 1)
   # x̂_{s_{K-1}}: the coarsest stage starts from noise (its start mean is zero, see stages.py).
-  x = float(noise_schedule.noise(start)) * jax.random.normal(
-      keys[0], pyramid.stage_shape(shape, num_stages - 1), dtype)
+  x = float(noise_schedule.noise(start)) * jax.vmap(
+      lambda key: jax.random.normal(key, coarsest, dtype))(stage_keys[:, 0])
   for order, k in enumerate(range(num_stages - 1, -1, -1)):
     start, end = pyramid.windows[k]
     if order > 0:  # jump point from stage k + 1 into stage k
-      x = pyramid.renoise(keys[order], x, k, corrective=renoise)
-    x = integrate_stage(model_fn, x, k, start, end, int(steps_per_stage[order]), noise_schedule)
+      x = jax.vmap(lambda key, x_end, k=k: pyramid.renoise(key, x_end, k, corrective=renoise))(
+          stage_keys[:, order], x)
+    x = integrate_stage(model_fn, x, k, start, end, int(steps_per_stage[order]), noise_schedule,
+                        time_grid)
   return x

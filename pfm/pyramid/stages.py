@@ -27,6 +27,9 @@ from pfm.pyramid import resample
 from pfm.pyramid import windows as windows_lib
 
 
+TIMESTEPS = ("noise_level", "released")
+
+
 @dataclasses.dataclass(frozen=True)
 class Pyramid:
   """Static description of a pyramid (hashable, so jit can close over it).
@@ -38,6 +41,10 @@ class Pyramid:
     correlations: in-block correlation (the papers' gamma) of the jump into stage k (from
       k + 1), k = 0..K-2.
     diffusion: ``"flow_matching"`` or ``"ddim"``.
+    timestep_windows: ``((c_k, d_k), ...)``: the time the model is conditioned on runs from c_k
+      to d_k through stage k (`model_time`); None: the noise level itself (the windows). Pyramid
+      Flow's released models read stage-unique ranges
+      (``pfm.pyramid.windows.released_timestep_windows``).
   """
 
   windows: tuple[tuple[float, float], ...]
@@ -45,6 +52,7 @@ class Pyramid:
   temporal_factors: tuple[int, ...]
   correlations: tuple[float, ...]
   diffusion: str = "flow_matching"
+  timestep_windows: tuple[tuple[float, float], ...] | None = None
 
   @property
   def num_stages(self) -> int:
@@ -53,6 +61,15 @@ class Pyramid:
   @property
   def noise_schedule(self) -> diffusions.NoiseSchedule:
     return diffusions.get(self.diffusion).noise_schedule
+
+  def model_time(self, t, k: int):
+    """The time the model is conditioned on at global time ``t`` of stage k (the same stage time
+    ``t' = (t - s_k) / (e_k - s_k)`` on the model's window); ``t`` itself without
+    ``timestep_windows``. Scalars or arrays, NumPy or JAX."""
+    if self.timestep_windows is None:
+      return t
+    (s, e), (c, d) = self.windows[k], self.timestep_windows[k]
+    return c + (t - s) / (e - s) * (d - c)
 
   def jump(self, k: int) -> tuple[int, int]:
     """``(spatial, temporal)`` upsampling factors from stage k + 1 into stage k (k < K - 1)."""
@@ -172,7 +189,7 @@ def split_steps(total_steps: int, partition, num_stages: int) -> tuple[int, ...]
 
 def make_pyramid(num_stages: int, *, spatial: bool = True, frame_rate_schedule="",
                  partition=None, correlation: float | None = None,
-                 diffusion: str = "flow_matching") -> Pyramid:
+                 diffusion: str = "flow_matching", timesteps: str = "noise_level") -> Pyramid:
   """Builds a ``Pyramid``.
 
   Args:
@@ -185,11 +202,18 @@ def make_pyramid(num_stages: int, *, spatial: bool = True, frame_rate_schedule="
     correlation: the in-block correlation of every jump's corrective noise (the papers' gamma);
       None = the smallest valid value -1/(m - 1) of each jump's m-element block.
     diffusion: ``"flow_matching"`` or ``"ddim"``.
+    timesteps: what the model is conditioned on (`TIMESTEPS`): ``"noise_level"`` (the global
+      time t), or ``"released"``: Pyramid Flow's released models' stage-unique ranges
+      (``pfm.pyramid.windows.released_timestep_windows``, for their 3 stages with the default
+      correlation -1/3).
 
   Raises:
     ValueError: if a jump changes neither size nor frame rate, a correlation is out of
-      [-1/(m - 1), 0] for its block, or the schedule / partition is malformed.
+      [-1/(m - 1), 0] for its block, the schedule / partition is malformed, or ``timesteps`` is
+      unknown.
   """
+  if timesteps not in TIMESTEPS:
+    raise ValueError(f"timesteps={timesteps!r} is not one of {TIMESTEPS}")
   if num_stages < 1:
     raise ValueError(f"num_stages must be >= 1, got {num_stages}")
   noise_schedule = diffusions.get(diffusion).noise_schedule
@@ -215,4 +239,7 @@ def make_pyramid(num_stages: int, *, spatial: bool = True, frame_rate_schedule="
   w = windows_lib.stage_windows(num_stages, boundaries, correlations[::-1], noise_schedule)
   return Pyramid(windows=tuple((float(s), float(e)) for s, e in w),
                  spatial_factors=spatial_factors, temporal_factors=temporal_factors,
-                 correlations=tuple(correlations), diffusion=diffusion)
+                 correlations=tuple(correlations), diffusion=diffusion,
+                 timestep_windows=(windows_lib.released_timestep_windows(
+                     num_stages, gamma=-correlations[0] if correlations else 1 / 3)
+                                   if timesteps == "released" else None))

@@ -140,3 +140,48 @@ def stage_windows(
     if k < num_stages - 1:  # the jump from stage k + 1 into stage k is correlations[K - 2 - k]
       windows[k, 0] = jump_start(ends[k + 1], correlations[num_stages - 2 - k], noise_schedule)
   return windows
+
+
+def released_timestep_windows(num_stages: int = 3, gamma: float = 1.0 / 3.0,
+                              train_steps: int = 1000) -> tuple[tuple[float, float], ...]:
+  """The model-time windows of Pyramid Flow's released models, in pfm's time (0 noise, 1 data).
+
+  The official scheduler (``PyramidFlowMatchEulerDiscreteScheduler``) conditions its DiT not on
+  the noise level but on a timestep from a stage-unique range: the stages' lengths in noise
+  level (after the jump-point correction of each later stage's start with ``gamma``, the
+  ``gamma`` of ``pfm.pyramid.windows.jump_start``'s correlation -gamma) are laid end to end on
+  the 0..``train_steps`` axis, cut at whole steps, and stage k's Euler steps run linearly
+  through its range. With the model fed ``(1 - t) * train_steps``
+  (``MMDiTConfig.time_input="noise"``), stage k reads ``t = c_k + t' (d_k - c_k)`` at stage time
+  t' for the returned ``(c_k, d_k)``. The stages split the noise axis evenly
+  (``stage_range = [0, 1/3, 2/3, 1]``), as the released models were trained.
+
+  Args:
+    num_stages: K (the released models: 3).
+    gamma: the official ``scheduler_gamma`` (1/3).
+    train_steps: the official ``num_train_timesteps`` (1000).
+
+  Returns:
+    K pairs ``(c_k, d_k)`` for k = 0 (full size) .. K - 1 (coarsest), pfm's stage order;
+    contiguous, ``c_{K-1} = 0`` and ``d_0 = (train_steps - 1) / train_steps``.
+  """
+  sigmas = (train_steps - np.arange(train_steps)) / train_steps  # timesteps 1000..1, shift 1
+  bounds = [i / num_stages for i in range(num_stages + 1)]
+  distances = []
+  for i in range(num_stages):  # the official stage order: coarsest first
+    start = int(bounds[i] * train_steps)
+    end = int(bounds[i + 1] * train_steps)
+    start_sigma = float(np.float32(sigmas[start]))
+    end_sigma = float(np.float32(sigmas[end])) if end < train_steps else 0.0
+    if i:
+      signal = 1.0 - start_sigma
+      start_sigma = 1.0 - signal / (math.sqrt(1.0 + 1.0 / gamma) * (1.0 - signal) + signal)
+    distances.append(start_sigma - end_sigma)
+  total = sum(distances)
+  windows = []
+  for i in range(num_stages):
+    lo = 0.0 if i == 0 else sum(distances[:i]) / total
+    hi = 1.0 if i == num_stages - 1 else sum(distances[:i + 1]) / total
+    windows.append((int(lo * train_steps) / train_steps,
+                    min(int(hi * train_steps), train_steps - 1) / train_steps))
+  return tuple(windows[::-1])
