@@ -3,8 +3,9 @@ W + (alpha / r) A B trained on the attention projections (q, k, v, out) and the 
 joint block (pfm/lora.py).
 
 The run to adapt is ``--config.train.init_from=WORKDIR`` (its newest intact checkpoint's EMA
-parameters; this run's model fields must match its config, here ``configs/default.py``'s). The
-checkpoints hold the adapters only; the base weights are read from WORKDIR at the start and at
+parameters); its model, latent space, captions and pyramid are read from WORKDIR/config.json
+(``train.inherit``, ``pfm.spec.INHERITED_FIELDS``), a pfm run's or a converted released
+model's. The checkpoints hold the adapters only; the base weights are read from WORKDIR at the start and at
 every resume (the same source checkpoint each time), so WORKDIR must stay readable. Sampling
 merges the adapters into the base weights.
 
@@ -21,6 +22,14 @@ merges the adapters into the base weights.
   # other targets: names of pfm.lora.TARGETS or module-path regexes
   ... --config.train.lora.targets="('attention', 'mlp', 'modulation')"
   ... --config.train.lora.targets='blocks/\d+/video/qkv/[qkv]'
+
+A converted released model (``pfm.convert``) trains on cached latents and caption features of
+your videos, made with its own VAE and text encoders:
+
+  python -m pfm.extract --config=configs/finetune_lora.py --config.train.init_from=runs/miniflux768 \
+      --config.data.manifest=videos.jsonl --output=runs/miniflux768/features
+  python -m pfm.train --config=configs/finetune_lora.py --config.train.init_from=runs/miniflux768 \
+      --workdir=runs/ft      # reads runs/miniflux768/features (its config's data.features)
 
 Any other config adapts the same way: ``--config=configs/latent.py --config.train.init_from=...
 --config.train.lora.rank=8``.
@@ -44,6 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # LoRA: rank-r adapters on the joint blocks' attention and MLP; every other weight is frozen.
   c.train.init_from = ""  # the workdir to adapt: set it on the command line
+  # Its architecture, latent space, captions and pyramid come from its config.json
+  # (pfm.spec.INHERITED_FIELDS), so a converted released model needs no other flag.
+  c.train.inherit = True
   c.train.lora.rank = 8
   c.train.lora.alpha = 8.0  # scale alpha / r = 1
   c.train.lora.targets = ("attention", "mlp")

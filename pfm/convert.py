@@ -15,13 +15,21 @@ The causal video VAE (the released ``causal_video_vae`` folder: diffusers' ``con
   ``temporal_downsamplers.0.conv`` / ``temporal_upsamplers.0.conv`` -> ``temporal``;
 * ``quant_conv`` / ``post_quant_conv`` -> ``encoder/quant_conv`` / ``decoder/post_quant_conv``.
 
-The tests check the converted modules against the official ones' outputs on a tiny random
-checkpoint (``tools/make_official_fixtures.py``).
+The two DiT families (``diffusion_transformer_<variant>`` folders; ``dit_parameters``), the SD3-based
+``PyramidDiffusionMMDiT`` and miniFLUX's ``PyramidFluxTransformer``, become pfm `MMDiT`s with the
+options that reproduce them (``dit_config_from_official``): Linear weights transposed, per-head
+projections reshaped with the RoPE pairing reordered, modulation chunks in diffusers' order
+(AdaLayerNormContinuous's (scale, shift) swapped), the output layer negated (pfm predicts the
+velocity towards data).
 
-``python -m pfm.convert --source=/path/to/pyramid-flow-sd3 --output=runs/released
-[--family=pyramid_mmdit|pyramid_flux]`` converts the folder's ``causal_video_vae`` into the VAE
-workdir ``OUTPUT/vae`` (with the family's latent normalisation), which ``pfm.extract`` and
-``pfm.sample`` open as ``config.latent.vae``. The DiT families are not converted yet.
+The tests check the converted modules against the official ones' outputs on tiny random
+checkpoints (``tools/make_official_fixtures.py``).
+
+``python -m pfm.convert --source=/path/to/pyramid-flow-miniflux --variant=768p
+--output=runs/miniflux768`` converts a released folder into a pfm workdir (``convert_released``:
+config, the DiT's checkpoint, the VAE workdir and the text encoders), which ``pfm.sample``,
+``pfm.app`` and ``pfm.train --config.train.init_from`` open. Without ``--variant`` only the VAE
+is converted, into ``OUTPUT/vae`` with ``--family``'s latent normalisation.
 """
 
 from __future__ import annotations

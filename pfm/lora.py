@@ -46,7 +46,7 @@ from pfm.models.axes import LAYER_AXIS
 
 # Names of `train.lora.targets`: layers of each joint block's text and video streams (unstacked,
 # or stacked by scan_layers) and of each single-stream block.
-_BLOCK_STREAM = r"(?:(?:blocks(?:/\d+)?|last_block)/(?:text|video)|single_blocks/\d+)/"
+_BLOCK_STREAM = r"(?:(?:blocks(?:/\d+)?|last_block)/(?:text|video)|single_blocks(?:/\d+)?)/"
 TARGETS = {
     "attention": r"qkv/[qkv]|out|attention_out",  # query, key, value and output projections
     "mlp": r"mlp/fc[12]",           # the feed-forward block
@@ -131,35 +131,37 @@ def _joined(path: Sequence) -> str:
   return "/".join(map(str, path))
 
 
-def _stacked_layout(adapters: dict, depth: int) -> dict:
-  """Adapters of unstacked blocks (``blocks/<i>/...``) in the ``scan_layers`` layout: blocks
-  0..depth-2 stacked on a leading ``layers`` axis under ``blocks/...``, the last block under
-  ``last_block/...``.
+def _stacked_layout(adapters: dict, depth: int, single_blocks: int = 0) -> dict:
+  """Adapters of unstacked blocks (``blocks/<i>/...``, ``single_blocks/<i>/...``) in the
+  ``scan_layers`` layout: blocks 0..depth-2 stacked on a leading ``layers`` axis under
+  ``blocks/...``, the last block under ``last_block/...``, and every single-stream block stacked
+  under ``single_blocks/...``.
 
   Raises:
     pfm.errors.ConfigError: if the stacked blocks would not all have the same adapters.
   """
   placed, stacked = {}, {}
   for path, variable in adapters.items():
-    if path[0] != "blocks":
-      placed[path] = variable
-    elif int(path[1]) == depth - 1:
+    if path[0] == "blocks" and int(path[1]) == depth - 1:
       placed[("last_block", *path[2:])] = variable
+    elif path[0] in ("blocks", "single_blocks"):
+      stacked.setdefault((path[0], *path[2:]), {})[int(path[1])] = variable
     else:
-      stacked.setdefault(tuple(path[2:]), {})[int(path[1])] = variable
-  for rest, layers in stacked.items():
-    if len(layers) != depth - 1:
+      placed[path] = variable
+  for (group, *rest), layers in stacked.items():
+    count = depth - 1 if group == "blocks" else single_blocks
+    if len(layers) != count:
       raise errors.ConfigError(
-          f"config.train.lora.targets selects blocks/<i>/{_joined(rest[:-1])} for i in "
-          f"{sorted(layers)} only; with config.model.scan_layers=True blocks 0..{depth - 2} are "
-          "stacked and need the same adapters (select them all, or set scan_layers=False)")
+          f"config.train.lora.targets selects {group}/<i>/{_joined(rest[:-1])} for i in "
+          f"{sorted(layers)} only; with config.model.scan_layers=True {group} 0..{count - 1} "
+          "are stacked and need the same adapters (select them all, or set scan_layers=False)")
     first = layers[0]
     names = first.get_metadata().get("out_sharding")
-    value = jnp.stack([layers[i].get_value() for i in range(depth - 1)])
+    value = jnp.stack([layers[i].get_value() for i in range(count)])
     variable = first.replace(value)
     if names:
       variable = variable.copy(out_sharding=(LAYER_AXIS, *names))
-    placed[("blocks", *rest)] = variable
+    placed[(group, *rest)] = variable
   return placed
 
 
@@ -190,7 +192,7 @@ def add_adapters(model: models.MMDiT, config: LoraConfig, seed: int = 0) -> mode
         f"linear layer of the model (paths look like blocks/0/video/qkv/q, "
         f"blocks/0/video/mlp/fc1; names: {sorted(TARGETS)})")
   if mc.scan_layers:
-    adapters = _stacked_layout(adapters, mc.depth)
+    adapters = _stacked_layout(adapters, mc.depth, mc.single_blocks)
   # qwix matches module paths again at every call, in the model's own layout: name exactly the
   # layers that now hold adapters.
   layers = sorted({_joined(path[:-1]) for path in adapters})

@@ -12,8 +12,10 @@ devices of the run) are in ``pfm.validation``, which returns the spec of a valid
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
+from etils import epath
 import ml_collections
 import numpy as np
 
@@ -64,6 +66,7 @@ OPTIONAL_FIELDS: dict[str, Any] = {
     "model.output_head": "patch",
     "train.microbatches": 1,
     "train.init_from": "",            # a pfm workdir whose EMA parameters start this run
+    "train.inherit": False,           # take the model's fields from init_from (INHERITED_FIELDS)
     "train.lora.rank": 0,             # LoRA adapters' rank; 0: train every weight
     "train.lora.alpha": 8.0,          # their scale is alpha / rank
     "train.lora.targets": ("attention", "mlp"),  # pfm.lora.TARGETS names or module-path regexes
@@ -301,8 +304,73 @@ def _feature_fields(c: ml_collections.ConfigDict) -> dict[str, Any]:
   return fields
 
 
+# What a fine-tuning run takes from its source's config.json with ``train.inherit``: the fields
+# that make the model and its inputs what the source's parameters were trained for.
+INHERITED_FIELDS = (
+    "mode", "model.variant", "model.patch_size", "model.architecture", "model.text_embed_dim",
+    "model.pooled_embed_dim", "model.output_head", "model.prediction",
+    "model.text_time_conditioning", "model.blockwise_causal", "model.scan_layers", "latent",
+    "text", "pyramid", "extract", "data.height", "data.width", "data.frame_stride",
+    "data.caption_length", "sample.time_grid", "sample.prompt_suffix", "sample.negative_prompt")
+
+
+def _set_field(config, field: str, value) -> None:
+  *sections, key = field.split(".")
+  node = config
+  for section in sections:
+    if section not in node:
+      node[section] = ml_collections.ConfigDict()
+    node = node[section]
+  node[key] = value
+
+
+def _tuples(value):
+  """JSON's lists as tuples, nested (ml_collections refuses to freeze a list that becomes the
+  empty tuple when another field already holds it)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def inherit_from_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` with `INHERITED_FIELDS` taken from the config.json of ``train.init_from`` (and
+  its ``data.features`` where this config has none), when ``train.inherit`` is set: so
+  ``--config=configs/finetune_lora.py --config.train.init_from=runs/miniflux768`` fine-tunes a
+  converted released model without restating its architecture. The result has ``train.inherit``
+  off (it is complete).
+
+  Raises:
+    pfm.errors.ConfigError: naming ``config.train.init_from`` when it has no config.json.
+  """
+  if not (config.train.get("inherit", False) and config.train.init_from):
+    return config
+  path = epath.Path(config.train.init_from) / "config.json"
+  if not path.exists():
+    raise errors.ConfigError(f"config.train.init_from={config.train.init_from!r}: no config.json "
+                             "(a pfm workdir, or a pfm.convert output, is expected)")
+  source = ml_collections.ConfigDict(json.loads(path.read_text()))
+  for field in INHERITED_FIELDS:
+    node = source
+    for key in field.split("."):
+      node = node.get(key) if isinstance(node, ml_collections.ConfigDict) else None
+    if node is not None:
+      _set_field(config, field, _tuples(node.to_dict() if isinstance(
+          node, ml_collections.ConfigDict) else node))
+  if not config.data.get("features") and source.get("data", {}).get("features"):
+    config.data.features = source.data.features
+  config.train.inherit = False
+  return config
+
+
 def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of ``config`` with every absent `OPTIONAL_FIELDS` entry at its default."""
+  """A copy of ``config`` with every absent `OPTIONAL_FIELDS` entry at its default, and the
+  fields a fine-tuning run inherits (`inherit_from_source`).
+
+  Raises:
+    pfm.errors.ConfigError: see `inherit_from_source`.
+  """
   config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict") else config)
   for field, default in OPTIONAL_FIELDS.items():
     *sections, key = field.split(".")
@@ -313,7 +381,7 @@ def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       node = node[section]
     if key not in node:
       node[key] = default
-  return config
+  return inherit_from_source(config)
 
 
 def _check_finite(config: ml_collections.ConfigDict, prefix: str = "config") -> None:

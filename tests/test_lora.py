@@ -289,6 +289,7 @@ def test_targets_that_match_no_layer_are_refused_by_name(source):
   with pytest.raises(errors.ConfigError, match="config.train.lora.targets: .* matches no linear"):
     state_lib.abstract_state(validation.validate(config))
   config.train.lora.targets = (r"blocks/0/video/qkv/q",)
+  config.train.inherit = False  # a model of its own, not the source's
   config.model.scan_layers = True
   config.model.variant = "XS"  # 4 blocks: 0..2 stacked
   config.model.patch_size = 4
