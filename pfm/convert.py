@@ -385,28 +385,38 @@ def dit_parameters(tensors: dict[str, np.ndarray], fields: dict[str, Any]
 _DERIVED_BUFFERS = ("pos_embed.pos_embed",)
 
 
-def assign_parameters(model: nnx.Module, mapped: dict[tuple[str | int, ...], tuple[str, Any]]
-                      ) -> None:
-  """Sets every parameter of ``model`` from ``mapped`` (path -> (source name, value)).
+def check_mapping(params: dict, mapped: dict[tuple[str | int, ...], tuple[str, Any]]) -> None:
+  """Checks that ``mapped`` (path -> (source name, value)) fills exactly the flat parameters
+  ``params`` (path -> variable or shape-carrying leaf), each with its shape.
 
   Raises:
     CheckpointLayoutError: naming a parameter that nothing fills, a mapped path the model does
       not have, or a shape that differs.
   """
-  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   for path, (name, value) in mapped.items():
     if path not in params:
       raise CheckpointLayoutError(f"tensor {name!r} maps to {'/'.join(map(str, path))}, which "
                                   "the pfm model does not have")
-    variable = params[path]
-    if value.shape != variable.shape:
+    if value.shape != params[path].shape:
       raise CheckpointLayoutError(f"tensor {name!r} has shape {value.shape} after conversion; "
-                                  f"{'/'.join(map(str, path))} has {variable.shape}")
-    variable.set_value(np.asarray(value, variable.dtype))
+                                  f"{'/'.join(map(str, path))} has {params[path].shape}")
   missing = [p for p in params if p not in mapped]
   if missing:
     raise CheckpointLayoutError(f"missing tensor for {'/'.join(map(str, missing[0]))} "
                                 f"({len(missing)} parameters unfilled)")
+
+
+def assign_parameters(model: nnx.Module, mapped: dict[tuple[str | int, ...], tuple[str, Any]]
+                      ) -> None:
+  """Sets every parameter of ``model`` from ``mapped`` (path -> (source name, value)).
+
+  Raises:
+    CheckpointLayoutError: see `check_mapping`.
+  """
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  check_mapping(params, mapped)
+  for path, (_, value) in mapped.items():
+    params[path].set_value(np.asarray(value, params[path].dtype))
 
 
 def load_official_dit(folder: str, **overrides):
@@ -570,19 +580,8 @@ def convert_released(source: str, output: str, variant: str = "384p", *,
                           fields)
   # Checked against the unstacked model, where every tensor has its own parameter.
   unstacked = dataclasses.replace(spec.model, scan_layers=False)
-  flat = dict(nnx.to_flat_state(nnx.state(
-      nnx.eval_shape(lambda: models.MMDiT(unstacked, rngs=nnx.Rngs(0))), nnx.Param)))
-  for path, (name, value) in mapped.items():
-    if path not in flat:
-      raise CheckpointLayoutError(f"tensor {name!r} maps to {'/'.join(map(str, path))}, which "
-                                  "the pfm model does not have")
-    if value.shape != flat[path].shape:
-      raise CheckpointLayoutError(f"tensor {name!r} has shape {value.shape} after conversion; "
-                                  f"{'/'.join(map(str, path))} has {flat[path].shape}")
-  missing = [p for p in flat if p not in mapped]
-  if missing:
-    raise CheckpointLayoutError(f"missing tensor for {'/'.join(map(str, missing[0]))} "
-                                f"({len(missing)} parameters unfilled)")
+  check_mapping(dict(nnx.to_flat_state(nnx.state(
+      nnx.eval_shape(lambda: models.MMDiT(unstacked, rngs=nnx.Rngs(0))), nnx.Param))), mapped)
   values = {path: value for path, (_, value) in mapped.items()}
   if spec.model.scan_layers:  # blocks 0..depth-2 (and the single-stream blocks) stacked
     values = traverse_util.flatten_dict(

@@ -53,32 +53,28 @@ def remat_policy(name: str) -> Callable[..., bool] | None:
 _GRAPH = {"graph": True, "graph_updates": True}
 
 
-def stacked_blocks(config: MMDiTConfig, num: int, rngs: nnx.Rngs) -> JointBlock:
-  """`num` full (not pre-only) joint blocks as one module, parameters stacked on axis 0.
-
-  Every block draws its own parameters (the RNG streams are split `num` ways); each parameter's
-  logical names gain `LAYER_AXIS` in front.
-  """
+def _stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:
+  """`num` modules ``make(rngs)`` as one, parameters stacked on axis 0: every one draws its own
+  parameters (the RNG streams are split `num` ways); each parameter's logical names gain
+  `LAYER_AXIS` in front."""
 
   @nnx.split_rngs(splits=num, **_GRAPH)
   @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num,
             transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS}, **_GRAPH)
-  def create(rngs: nnx.Rngs) -> JointBlock:
-    return JointBlock(config, rngs=rngs)
+  def create(rngs: nnx.Rngs) -> nnx.Module:
+    return make(rngs)
 
   return create(rngs)
+
+
+def stacked_blocks(config: MMDiTConfig, num: int, rngs: nnx.Rngs) -> JointBlock:
+  """`num` full (not pre-only) joint blocks as one module, parameters stacked on axis 0."""
+  return _stacked(lambda r: JointBlock(config, rngs=r), num, rngs)
 
 
 def stacked_single_blocks(config: MMDiTConfig, num: int, rngs: nnx.Rngs) -> SingleBlock:
-  """`num` single-stream blocks as one module, parameters stacked on axis 0 (`stacked_blocks`)."""
-
-  @nnx.split_rngs(splits=num, **_GRAPH)
-  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num,
-            transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS}, **_GRAPH)
-  def create(rngs: nnx.Rngs) -> SingleBlock:
-    return SingleBlock(config, rngs=rngs)
-
-  return create(rngs)
+  """`num` single-stream blocks as one module, parameters stacked on axis 0."""
+  return _stacked(lambda r: SingleBlock(config, rngs=r), num, rngs)
 
 
 def _drop_layer_axis(state: nnx.State) -> nnx.State:
